@@ -1,0 +1,58 @@
+"""editkit: edit, trace and evaluate facts stored in transformer language models.
+
+    from editkit import EditRequest
+    from editkit.methods.ft import FTL
+    editor = FTL(model, tokenizer).apply(EditRequest("{} plays the sport of", "LeBron James",
+                                                     "football"))
+    editor.revert()
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from editkit.editor import AppliedEdit, Editor, EditHistory
+from editkit.errors import (
+    DatasetFormatError,
+    EditFailedError,
+    EditkitError,
+    HistoryError,
+    InvalidHyperParamsError,
+    InvalidRequestError,
+    PatchMismatchError,
+    StatsError,
+    SubjectNotFoundError,
+    TokenizerError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from editkit.hparams import HyperParams
+from editkit.models.adapter import ModelAdapter, WeightLayout
+from editkit.patch import Dense, LowRank, Patch, load_patch
+from editkit.registry import (
+    ADAPTERS,
+    METHODS,
+    get_adapter,
+    get_method,
+    list_adapters,
+    list_methods,
+)
+from editkit.requests import EditRequest
+
+__all__ = [
+    "ADAPTERS", "METHODS", "AppliedEdit", "DatasetFormatError", "Dense", "EditFailedError",
+    "EditHistory", "EditRequest", "EditkitError", "Editor", "HistoryError", "HyperParams",
+    "InvalidHyperParamsError", "InvalidRequestError", "LowRank", "ModelAdapter", "Patch",
+    "PatchMismatchError", "StatsError", "SubjectNotFoundError", "TokenizerError",
+    "UnknownMethodError", "UnsupportedModelError", "WeightLayout", "__version__", "get_adapter",
+    "get_method", "list_adapters", "list_methods", "load_patch",
+]
+
+
+def __getattr__(name: str):
+    # Methods load lazily through the registry so `import editkit` stays light.
+    for method in list_methods():
+        cls = METHODS.get(method)
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'editkit' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Built-in editing methods, one folder each (hyperparameters beside the algorithm)."""

@@ -1,0 +1,111 @@
+"""Small hook helpers: capture module inputs/outputs, edit outputs, stop a forward early.
+
+Hooks exist only inside a ``with`` block and are removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once every needed module has run."""
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output (blocks and attention may return tuples)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its hidden-state tensor replaced by ``hidden``."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+EditFn = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+class Trace:
+    """Hook several modules of ``model`` by name for the duration of a ``with`` block.
+
+    - ``retain_input`` / ``retain_output``: store the (first positional) input and the hidden
+      output of each module in ``self.inputs[name]`` / ``self.outputs[name]``.
+    - ``edit_output(name, hidden) -> hidden``: replace each module's hidden output.
+    - ``stop``: raise ``StopForward`` after the last listed module (in forward order) has run;
+      the ``with`` block swallows it, so ``with Trace(..., stop=True): model(x)`` just ends early.
+    - ``detach``: store detached tensors (default) or keep the graph.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Iterable[str],
+        *,
+        retain_input: bool = False,
+        retain_output: bool = False,
+        edit_output: EditFn | None = None,
+        stop: bool = False,
+        detach: bool = True,
+    ) -> None:
+        self.names = list(dict.fromkeys(names))
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._model = model
+        self._retain_input, self._retain_output = retain_input, retain_output
+        self._edit, self._stop, self._detach = edit_output, stop, detach
+        self._handles: list[Any] = []
+        self._remaining: set[str] = set()
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach() if self._detach else t
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any):
+            if self._retain_input:
+                x = args[0] if args else next(iter(kwargs.values()))
+                self.inputs[name] = self._keep(x)
+            if self._edit is not None:
+                output = with_hidden(output, self._edit(name, hidden_of(output)))
+            if self._retain_output:
+                self.outputs[name] = self._keep(hidden_of(output))
+            self._remaining.discard(name)
+            if self._stop and not self._remaining:
+                raise StopForward
+            return output
+
+        return hook
+
+    def __enter__(self) -> Trace:
+        self._remaining = set(self.names)
+        try:
+            for name in self.names:
+                module = self._model.get_submodule(name)
+                self._handles.append(
+                    module.register_forward_hook(self._hook(name), with_kwargs=True)
+                )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return exc_type is StopForward
+
+
+def run_until(model: nn.Module, names: Iterable[str], *, retain_input: bool = False,
+              retain_output: bool = True, **inputs: Any) -> Trace:
+    """Run ``model(**inputs)`` only as far as the deepest of ``names``; return the ``Trace``."""
+    with Trace(model, names, retain_input=retain_input, retain_output=retain_output,
+               stop=True) as trace:
+        model(**inputs)
+    return trace

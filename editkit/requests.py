@@ -1,0 +1,166 @@
+"""``EditRequest``: one fact to rewrite, validated at construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from editkit.errors import DatasetFormatError, InvalidRequestError
+
+PLACEHOLDER = "{}"
+
+
+def _check_str(name: str, value: Any, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(
+            f"EditRequest.{name} must be a string, got {type(value).__name__} {value!r}"
+        )
+    if not allow_empty and not value.strip():
+        raise InvalidRequestError(f"EditRequest.{name} is empty ({value!r}); give a non-empty string")
+    return value
+
+
+def _check_strings(name: str, values: Any) -> tuple[str, ...]:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise InvalidRequestError(
+            f"EditRequest.{name} must be a sequence of strings, got {type(values).__name__} "
+            f"{values!r}; wrap a single prompt in a list"
+        )
+    return tuple(_check_str(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Rewrite ``prompt.format(subject)`` → ``target_new``.
+
+    ``prompt`` has exactly one ``{}``, the subject's place (``"{} plays the sport of"``).
+    Targets are plain strings ("football"); they are scored with a leading space as the papers
+    do. ``paraphrases`` and ``neighborhood`` are optional evaluation prompts with the subject
+    already filled in (neighbourhood prompts should keep predicting ``target_true``).
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: tuple[str, ...] = field(default=())
+    neighborhood: tuple[str, ...] = field(default=())
+    case_id: int | str | None = None
+
+    def __post_init__(self) -> None:
+        _check_str("prompt", self.prompt)
+        count = self.prompt.count(PLACEHOLDER)
+        if count != 1:
+            raise InvalidRequestError(
+                f"EditRequest.prompt must contain exactly one '{{}}' (the subject's place), "
+                f"found {count} in {self.prompt!r}; e.g. '{{}} plays the sport of'"
+            )
+        _check_str("subject", self.subject)
+        _check_str("target_new", self.target_new)
+        if self.target_true is not None:
+            _check_str("target_true", self.target_true)
+            if self.target_true.strip() == self.target_new.strip():
+                raise InvalidRequestError(
+                    f"target_new equals target_true ({self.target_new!r}); nothing to edit"
+                )
+        object.__setattr__(self, "paraphrases", _check_strings("paraphrases", self.paraphrases))
+        object.__setattr__(self, "neighborhood", _check_strings("neighborhood", self.neighborhood))
+        if self.case_id is not None and not isinstance(self.case_id, (int, str)):
+            raise InvalidRequestError(f"EditRequest.case_id must be int or str, got {self.case_id!r}")
+
+    @property
+    def text(self) -> str:
+        """The rewrite prompt with the subject filled in."""
+        return self.prompt.replace(PLACEHOLDER, self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["paraphrases"] = list(self.paraphrases)
+        d["neighborhood"] = list(self.neighborhood)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EditRequest:
+        known = {"prompt", "subject", "target_new", "target_true", "paraphrases",
+                 "neighborhood", "case_id"}
+        unknown = set(data) - known
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown EditRequest field(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**{k: (tuple(v) if k in ("paraphrases", "neighborhood") else v)
+                      for k, v in data.items()})
+
+    # ------------------------------------------------------- dataset formats
+    @classmethod
+    def from_counterfact(cls, record: Mapping[str, Any]) -> EditRequest:
+        """Parse a record of the ROME release's CounterFact JSON."""
+        rid = record.get("case_id", "?") if isinstance(record, Mapping) else "?"
+        try:
+            rw = record["requested_rewrite"]
+            return cls(
+                prompt=rw["prompt"],
+                subject=rw["subject"],
+                target_new=rw["target_new"]["str"],
+                target_true=rw["target_true"]["str"],
+                paraphrases=tuple(record.get("paraphrase_prompts", ())),
+                neighborhood=tuple(record.get("neighborhood_prompts", ())),
+                case_id=record.get("case_id"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise DatasetFormatError(
+                f"CounterFact record {rid}: missing or malformed field {exc}; expected "
+                "requested_rewrite.{prompt, subject, target_new.str, target_true.str}"
+            ) from exc
+
+    @classmethod
+    def from_zsre(cls, record: Mapping[str, Any]) -> EditRequest:
+        """Parse a zsRE record of the MEND/ROME format (``src``, ``subject``, ``alt``, ...).
+
+        The question ``src`` must contain ``subject``; its first occurrence becomes ``{}``.
+        """
+        rid = record.get("case_id", "?") if isinstance(record, Mapping) else "?"
+        try:
+            src, subject = record["src"], record["subject"]
+            answers = record.get("answers") or [None]
+            if not isinstance(src, str) or not isinstance(subject, str) or subject not in src:
+                raise DatasetFormatError(
+                    f"zsRE record {rid}: subject {subject!r} does not occur in src {src!r}"
+                )
+            rephrase = record.get("rephrase")
+            return cls(
+                prompt=src.replace(subject, PLACEHOLDER, 1),
+                subject=subject,
+                target_new=record["alt"],
+                target_true=answers[0],
+                paraphrases=(rephrase,) if rephrase else (),
+                neighborhood=(record["loc"],) if record.get("loc") else (),
+                case_id=record.get("case_id"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise DatasetFormatError(
+                f"zsRE record {rid}: missing or malformed field {exc}; expected src, subject, "
+                "alt, answers, rephrase, loc, loc_ans"
+            ) from exc
+
+
+def as_request_list(requests: EditRequest | Sequence[EditRequest]) -> list[EditRequest]:
+    """Normalise one request or a sequence of them to a non-empty list."""
+    if isinstance(requests, EditRequest):
+        return [requests]
+    if isinstance(requests, (str, bytes, Mapping)) or not isinstance(requests, Sequence):
+        raise InvalidRequestError(
+            f"expected an EditRequest or a sequence of them, got {type(requests).__name__}; "
+            "build one with EditRequest(prompt=..., subject=..., target_new=...)"
+        )
+    items = list(requests)
+    if not items:
+        raise InvalidRequestError("no requests given; pass at least one EditRequest")
+    for i, r in enumerate(items):
+        if not isinstance(r, EditRequest):
+            raise InvalidRequestError(
+                f"requests[{i}] is a {type(r).__name__}, not an EditRequest; convert dicts "
+                "with EditRequest.from_dict / from_counterfact"
+            )
+    return items
