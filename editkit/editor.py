@@ -102,9 +102,14 @@ class EditHistory:
         self._rebuild(model, affected)
 
     def _rebuild(self, model: nn.Module, names: set[str]) -> None:
-        # Restore every parameter a re-applied patch touches, then replay in order.
-        replay = [e for e in self.edits if names & set(e.patch.deltas)]
-        names = names | {n for e in replay for n in e.patch.deltas}
+        # Close ``names`` under "shares a parameter with a remaining edit": every such edit
+        # is replayed, so every parameter it touches must first go back to its original.
+        while True:
+            replay = [e for e in self.edits if names & set(e.patch.deltas)]
+            closed = names | {n for e in replay for n in e.patch.deltas}
+            if closed == names:
+                break
+            names = closed
         params = dict(model.named_parameters())
         for name in names:
             params[name].copy_(self.originals[name])

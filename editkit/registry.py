@@ -94,6 +94,9 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self._discover()
+        if name not in self._refs and isinstance(name, str):
+            name = {n.lower().replace("-", "_"): n for n in self._refs}.get(
+                name.lower().replace("-", "_").replace("+", "_"), name)
         if name in self._loaded:
             return self._loaded[name]
         if name not in self._refs:
