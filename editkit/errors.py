@@ -60,3 +60,14 @@ class HistoryError(EditkitError, ValueError):
 
 class TokenizerError(EditkitError, ValueError):
     """No tokenizer was given and none could be loaded for the model."""
+
+
+class DatasetUnavailableError(DatasetFormatError):
+    """A dataset cannot be loaded (hub unreachable, ``datasets`` not installed, no such file)."""
+
+
+class UnknownMetricError(EditkitError, KeyError):
+    """No evaluation metric is registered under the requested name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

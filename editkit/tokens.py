@@ -108,6 +108,30 @@ def subject_last_index(tokenizer, prompt: str, subject: str) -> int:
     return token_index_at_char(tokenizer, fill(prompt, subject), end, start)
 
 
+def subject_positions(tokenizer, prompts: Sequence[str], subjects: Sequence[str],
+                      padding_side: str | None = None) -> tuple[dict, list[int]]:
+    """Tokenize filled ``prompts`` as one padded batch and locate each subject's last token.
+
+    ``padding_side`` (default: the tokenizer's) may be ``"left"``: positions then include
+    the row's padding offset, so they index the returned batch directly.
+    Returns ``(batch encoding, positions)``.
+    """
+    side = padding_side or getattr(tokenizer, "padding_side", "right")
+    texts = [fill(p, s) for p, s in zip(prompts, subjects)]
+    ids = [encode(tokenizer, t) for t in texts]
+    width = max(len(x) for x in ids)
+    rows, masks, positions = [], [], []
+    for prompt, subject, row in zip(prompts, subjects, ids):
+        pad = width - len(row)
+        offset = pad if side == "left" else 0
+        rows.append([pad_id(tokenizer)] * pad + row if side == "left"
+                    else row + [pad_id(tokenizer)] * pad)
+        masks.append([0] * pad + [1] * len(row) if side == "left" else [1] * len(row) + [0] * pad)
+        positions.append(offset + subject_last_index(tokenizer, prompt, subject))
+    batch = {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(masks)}
+    return batch, positions
+
+
 def subject_index_in_text(tokenizer, text: str, subject: str, occurrence: str = "last") -> int:
     """Subject's last-token index in an already filled ``text``.
 

@@ -54,6 +54,24 @@ def test_boundary_merge_picks_token_containing_last_subject_char(bytelevel_token
     assert all(s >= len(subject) for s, _ in offsets[idx + 1:])
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_subject_positions_in_padded_batches(tok, side):
+    from editkit.tokens import subject_positions
+
+    prompts = ["{} is located in", "Everyone knows that {} plays the sport of", "{}"]
+    subjects = ["The Eiffel Tower", "LeBron James", "Paris"]
+    batch, pos = subject_positions(tok, prompts, subjects, padding_side=side)
+    for row, mask, p, prompt, subject in zip(batch["input_ids"], batch["attention_mask"], pos,
+                                             prompts, subjects):
+        assert mask[p] == 1
+        real = row[mask.bool()].tolist()
+        offset = int((~mask.bool()).sum()) if side == "left" else 0
+        text = tok.decode(real[: p - offset + 1], skip_special_tokens=True)
+        assert text.strip().endswith(subject)
+    if side == "left":
+        assert (batch["attention_mask"][:, -1] == 1).all()
+
+
 def test_subject_not_found(tok):
     with pytest.raises(SubjectNotFoundError, match="Zorblax"):
         subject_index_in_text(tok, "Paris is a city", "Zorblax")
