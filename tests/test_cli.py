@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from editkit import load_patch
+from editkit.cli import main
+
+
+@pytest.fixture
+def model_dir(tmp_path, bytelevel_tokenizer):
+    model = tiny_model("gpt2", len(bytelevel_tokenizer))
+    model.save_pretrained(tmp_path / "m")
+    bytelevel_tokenizer.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_edit_local_model_dir_and_save_patch(model_dir, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    code = main(["edit", "--model", str(model_dir), "--method", "ft", "--prompt",
+                 "{} is located in the city of", "--subject", "The Eiffel Tower",
+                 "--target", "Rome", "--layer", "1", "--set", '{"lr": 0.05}',
+                 "--save", str(out), "--out-model", str(tmp_path / "edited")])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "ft: 1 request(s) applied" in text and "after" in text
+    patch = load_patch(out)
+    assert patch.metadata["method"] == "ft" and patch.metadata["hparams"]["layer"] == 1
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    patch.apply_to(base)
+    for (n, p), (_, q) in zip(base.named_parameters(), edited.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_edit_requests_file(model_dir, tmp_path, capsys):
+    reqs = tmp_path / "r.jsonl"
+    reqs.write_text("\n".join(json.dumps(d) for d in [
+        {"prompt": "{} is located in", "subject": "The Eiffel Tower", "target_new": "Rome"},
+        {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "golf"},
+    ]))
+    assert main(["edit", "--model", str(model_dir), "--method", "ft_l", "--requests",
+                 str(reqs), "--save", str(tmp_path / "p.safetensors")]) == 0
+    assert "2 request(s) applied" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("p.*.safetensors"))) == 2
+
+
+def test_cli_errors_are_reported_not_raised(model_dir, capsys):
+    assert main(["edit", "--model", str(model_dir), "--prompt", "no placeholder",
+                 "--subject", "x", "--target", "y"]) == 2
+    assert "exactly one '{}'" in capsys.readouterr().err
+    assert main(["edit", "--model", "/nonexistent/dir", "--subject", "x"]) == 2
+    assert main(["edit", "--model", str(model_dir), "--method", "rom", "--prompt", "{} is",
+                 "--subject", "x", "--target", "y"]) == 2
+    assert "Did you mean" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "demo" in capsys.readouterr().out
+
+
+def test_methods_command(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "ft_l" in out and "gpt2" in out
