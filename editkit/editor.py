@@ -6,6 +6,7 @@ A subclass implements:
 - ``edited_parameters()``: names of the parameters it may change (from its hparams);
 - ``compute_update(requests) -> Patch``: pure, the model is unchanged afterwards;
 - optionally ``_prepare()``: one-time work per model (statistics, templates, hypernetwork);
+- optionally ``validate_requests(requests)``: refuse unusable requests before any work;
 - optionally ``sequential = False`` to receive a whole batch of requests in one
   ``compute_update`` call (batch methods such as MEMIT); by default ``apply`` edits a
   sequence one request at a time, each on top of the previous.
@@ -171,6 +172,9 @@ class Editor(ABC):
     def compute_update(self, requests: EditRequest | Sequence[EditRequest]) -> Patch:
         """The patch that performs the edit(s). Must leave the model unchanged."""
 
+    def validate_requests(self, requests: list[EditRequest]) -> None:
+        """Reject requests this method cannot edit, before any work; optional."""
+
     # --------------------------------------------------------------- public
     def prepare(self) -> Editor:
         if not self._prepared:
@@ -205,6 +209,7 @@ class Editor(ABC):
         the whole sequence at once (one history entry).
         """
         items = as_request_list(requests)
+        self.validate_requests(items)
         self.prepare()
         groups = [[r] for r in items] if self.sequential else [items]
         history = EditHistory.of(self.model)

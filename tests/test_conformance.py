@@ -62,6 +62,8 @@ def test_method_leaves_model_unchanged_on_bad_input(method, gpt2_and_tok):
         editor.apply([REQUEST, "not a request"])
     assert state_equal(model, base)
     with pytest.raises(editkit.InvalidHyperParamsError, match="99"):
-        hp = editor.hparams_class.from_dict({**editor.hparams.to_dict(), "layer": 99})
+        fields = editor.hparams.to_dict()
+        bad = {"layers": [99]} if "layers" in fields else {"layer": 99}
+        hp = editor.hparams_class.from_dict({**fields, **bad})
         editkit.get_method(method)(model, tok, hp)
     assert state_equal(model, base)

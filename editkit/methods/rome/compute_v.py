@@ -1,0 +1,253 @@
+"""Step 2 of ROME: the value v* that makes the model say the new object (paper §3.1, eq. 4).
+
+    v* = v₀ + δ,   δ = argmin  1/N Σⱼ −log p(o* | xⱼ + p; m := v₀ + δ)
+                             + kl_factor · KL(p(· | "s is a"; m := v₀ + δ) ‖ p(· | "s is a"))
+                             + v_weight_decay · ‖δ‖ / ‖v₀‖²
+
+where ``m := v₀ + δ`` adds δ to the output of the edited matrix (the MLP value) at the
+subject's last token of every prompt; v₀ is that output on the bare prompt. Adam (lr
+``v_lr``) runs ``v_num_grad_steps`` steps, ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖``
+after each, and it stops early once the loss is below ``v_early_stop_loss``. The KL term is
+the paper's "essence" drift, KL(edited ‖ original), as in the reference implementation.
+
+Speed: layers below the edited one do not depend on δ. :class:`UpperLayers` runs the model
+once, captures the input (residual stream) and call arguments of every block from the edited
+layer up, and afterwards re-runs only those blocks, the final norm and the unembedding (at
+the positions the loss reads). ``skip_lower_layers=False`` keeps the naive full forward for
+comparison (``benchmarks/bench_rome.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from editkit.methods.rome.compute_k import fact_token_index
+from editkit.methods.rome.hparams import ROMEHyperParams
+from editkit.methods.rome.templates import PLAIN, apply_template
+from editkit.nethooks import Trace, hidden_of
+from editkit.requests import EditRequest
+from editkit.tokens import encode, fill, pad_id, prompt_target_ids, right_pad
+
+logger = logging.getLogger(__name__)
+
+#: The essence prompt of the KL term (paper §3.1).
+KL_PROMPT = "{} is a"
+
+
+class UpperLayers:
+    """Re-run blocks ``start..stop`` (and the head) of ``model`` on a fixed batch.
+
+    Construction runs one forward pass (no gradient) that stops after block ``stop`` and
+    records, with forward pre-hooks, the hidden state entering block ``start`` and the
+    positional/keyword arguments every block ``start..stop`` received (attention mask, position
+    ids, rotary ``position_embeddings``, ...). Calling the object then recomputes only those
+    blocks from the recorded hidden state, so hooks inside them (e.g. an edit of the MLP
+    output) take effect while the lower layers are never re-run. Only the adapter is used:
+    ``blocks``, ``final_norm`` and ``lm_head``.
+    """
+
+    def __init__(self, model: nn.Module, adapter, start: int, stop: int,
+                 inputs: dict[str, torch.Tensor]) -> None:
+        self.model, self.adapter, self.start, self.stop = model, adapter, start, stop
+        self.blocks = adapter.blocks(model)
+        self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+        def recorder(i: int):
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                self.calls[i] = (args, dict(kwargs))
+
+            return hook
+
+        handles = [self.blocks[i].register_forward_pre_hook(recorder(i), with_kwargs=True)
+                   for i in range(start, stop + 1)]
+        try:
+            with torch.no_grad(), Trace(model, [adapter.module_name("block", stop)], stop=True):
+                model(**inputs, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        args, kwargs = self.calls[start]
+        self.hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def hidden_out(self) -> torch.Tensor:
+        """Output hidden state of block ``stop`` (the residual stream), recomputed."""
+        h = self.hidden
+        for i in range(self.start, self.stop + 1):
+            args, kwargs = self.calls[i]
+            if args:
+                out = self.blocks[i](h, *args[1:], **kwargs)
+            else:
+                out = self.blocks[i](**{**kwargs, "hidden_states": h})
+            h = hidden_of(out)
+        return h
+
+    def __call__(self, positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (final norm + unembedding of block ``stop``'s output), at ``positions``
+        ``(rows, cols)`` only if given (then shape (n, vocab)), else (batch, seq, vocab)."""
+        return apply_head(self.model, self.adapter, self.hidden_out(), positions)
+
+
+def apply_head(model: nn.Module, adapter, hidden: torch.Tensor,
+               positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Final norm and unembedding of a residual-stream state (optionally at some positions)."""
+    if positions is not None:
+        hidden = hidden[positions]
+    hidden = adapter.module(model, "final_norm")(hidden)
+    return adapter.module(model, "lm_head")(hidden)
+
+
+@dataclass
+class ValueResult:
+    """Outcome of the v* optimisation (float32 vectors on the model's device)."""
+
+    v_star: torch.Tensor
+    v0: torch.Tensor
+    delta: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    steps: int = 0
+
+
+@dataclass
+class _Rows:
+    batch: Any
+    edit_idx: torch.Tensor
+    target_rows: torch.Tensor
+    target_cols: torch.Tensor
+    target_ids: torch.Tensor
+    target_weight: torch.Tensor
+    plain_row: int
+    kl_row: int
+    kl_col: int
+
+
+def _build_rows(tokenizer, request: EditRequest, templates: Sequence[str], fact_token: str,
+                device) -> _Rows:
+    """One row per template (prefix + prompt + target[:-1]) and the KL prompt last."""
+    seqs, edit_idx, t_rows, t_cols, t_ids, t_w = [], [], [], [], [], []
+    for r, template in enumerate(templates):
+        prompt = apply_template(template, request.prompt)
+        prompt_ids, target_ids = prompt_target_ids(tokenizer, fill(prompt, request.subject),
+                                                    request.target_new)
+        seqs.append(prompt_ids + target_ids[:-1])
+        edit_idx.append(fact_token_index(tokenizer, prompt, request.subject, fact_token))
+        for j, tid in enumerate(target_ids):
+            t_rows.append(r)
+            t_cols.append(len(prompt_ids) - 1 + j)
+            t_ids.append(tid)
+            t_w.append(1.0 / len(target_ids))  # mean per-token NLL of each prompt
+    kl_col = fact_token_index(tokenizer, KL_PROMPT, request.subject, fact_token)
+    seqs.append(encode(tokenizer, fill(KL_PROMPT, request.subject)))
+    edit_idx.append(kl_col)
+    as_t = lambda xs, dt=torch.long: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
+    return _Rows(
+        batch=right_pad(seqs, pad_id(tokenizer), device),
+        edit_idx=as_t(edit_idx), target_rows=as_t(t_rows), target_cols=as_t(t_cols),
+        target_ids=as_t(t_ids), target_weight=as_t(t_w, torch.float32),
+        plain_row=list(templates).index(PLAIN), kl_row=len(templates), kl_col=kl_col,
+    )
+
+
+def compute_value(model: nn.Module, tokenizer, adapter, hparams: ROMEHyperParams,
+                  request: EditRequest, templates: Sequence[str], *,
+                  skip_lower_layers: bool = True, slot: str = "mlp_out") -> ValueResult:
+    """Optimise δ (eq. 4) and return v* = v₀ + δ. The model is left unchanged.
+
+    ``templates`` must contain the plain ``"{}"`` (v₀ is read on it). ``slot`` is the module
+    of ``hparams.layer`` whose output δ is added to: ``"mlp_out"`` (ROME's MLP value) or
+    ``"block"`` (MEMIT's residual stream z, paper eq. 16).
+    """
+    hp = hparams
+    device = next(model.parameters()).device
+    layer, loss_layer = hp.layer, hp.loss_layer(adapter.num_layers(model))
+    rows = _build_rows(tokenizer, request, templates, hp.fact_token, device)
+    n_rows = rows.batch.input_ids.shape[0]
+    row_index = torch.arange(n_rows, device=device)
+    read_rows = torch.cat([rows.target_rows, rows.target_rows.new_tensor([rows.kl_row])])
+    read_cols = torch.cat([rows.target_cols, rows.target_cols.new_tensor([rows.kl_col])])
+    edited = adapter.module_name(slot, layer)
+    inputs = {**rows.batch.model_inputs()}
+
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # v₀ is read during the first pass (which also records the upper blocks' inputs).
+        with torch.no_grad(), Trace(model, [edited], retain_output=True) as tr:
+            if skip_lower_layers:
+                upper = UpperLayers(model, adapter, layer, loss_layer, inputs)
+            else:
+                with Trace(model, [edited], stop=True):
+                    model(**inputs, use_cache=False)
+        v0 = tr.outputs[edited][rows.plain_row, rows.edit_idx[rows.plain_row]].float()
+        d_out = v0.shape[0]
+
+        if skip_lower_layers:
+            def logits_at() -> torch.Tensor:
+                return upper((read_rows, read_cols))
+        else:
+            last_block = adapter.module_name("block", loss_layer)
+
+            def logits_at() -> torch.Tensor:
+                with Trace(model, [last_block], retain_output=True, stop=True,
+                           detach=False) as full:
+                    model(**inputs, use_cache=False)
+                return apply_head(model, adapter, full.outputs[last_block],
+                                  (read_rows, read_cols))
+
+        delta = torch.zeros(d_out, device=device, requires_grad=True)
+
+        def add_delta(_: str, h: torch.Tensor) -> torch.Tensor:
+            h = h.clone()
+            h[row_index, rows.edit_idx] = h[row_index, rows.edit_idx] + delta.to(h.dtype)
+            return h
+
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        v0_norm = v0.norm()
+        max_norm = hp.clamp_norm_factor * v0_norm
+        kl_init: torch.Tensor | None = None
+        result = ValueResult(v_star=v0, v0=v0, delta=delta.detach())
+        for step in range(hp.v_num_grad_steps):
+            opt.zero_grad(set_to_none=True)
+            with Trace(model, [edited], edit_output=add_delta, detach=False):
+                logits = logits_at()
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            n_t = rows.target_ids.shape[0]
+            token_lp = logp[torch.arange(n_t, device=device), rows.target_ids]
+            nll = -(token_lp * rows.target_weight).sum() / len(templates)
+            kl_lp = logp[n_t]
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum()  # KL(edited ‖ original)
+            decay = delta.norm() / v0_norm ** 2
+            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
+            loss_value = float(loss.detach())
+            result.losses.append(loss_value)
+            result.nll.append(float(nll.detach()))
+            logger.debug("v* step %d: loss %.4f (nll %.4f, kl %.4f, decay %.4f)", step,
+                         loss_value, float(nll.detach()), float(kl.detach()),
+                         float(decay.detach()))
+            if loss_value < hp.v_early_stop_loss:
+                break
+            loss.backward()
+            opt.step()
+            result.steps += 1
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    result.delta = delta.detach().clone()
+    result.v_star = (v0 + result.delta).detach()
+    return result

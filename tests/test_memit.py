@@ -1,0 +1,135 @@
+"""MEMIT: the closed form of eq. 14, batch editing, conflicts, and the Editor contract."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from conftest import snapshot, state_equal
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from editkit import EditRequest, InvalidHyperParamsError, InvalidRequestError
+from editkit.methods.memit import MEMIT, MEMITHyperParams, solve_layer_update
+from editkit.tokens import score_targets
+
+
+def _spd(g, d):
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), d_in=st.integers(3, 12), d_out=st.integers(2, 10),
+       n=st.integers(1, 6), lam=st.floats(1e-2, 1e2))
+def test_closed_form_minimises_objective(seed, d_in, d_out, n, lam):
+    """Δ = R Kᵀ(λC + KKᵀ)⁻¹ minimises ‖ΔK − R‖² + λ tr(Δ C Δᵀ): compare with lstsq."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(d_in, n, generator=g, dtype=torch.float64)
+    r = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    c = _spd(g, d_in)
+    left, right = solve_layer_update(k, r, c, lam)
+    delta = left @ right.T
+    # The same objective as one least-squares problem: stack [Kᵀ; √λ Lᵀ] with C = L Lᵀ.
+    chol = torch.linalg.cholesky(c)
+    a = torch.cat([k.T, lam ** 0.5 * chol.T])
+    b = torch.cat([r.T, torch.zeros(d_in, d_out, dtype=torch.float64)])
+    ref = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(delta, ref, atol=1e-7, rtol=1e-6)
+
+    def objective(d):
+        return ((d @ k - r) ** 2).sum() + lam * torch.trace(d @ c @ d.T)
+
+    bump = 1e-3 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    assert objective(delta) <= objective(delta + bump) + 1e-12
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 5))
+def test_tiny_lambda_inserts_keys_exactly(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_out = 8, 6
+    k = torch.randn(d_in, n, generator=g, dtype=torch.float64)  # full column rank (n ≤ d_in)
+    r = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    left, right = solve_layer_update(k, r, _spd(g, d_in), 1e-9)
+    torch.testing.assert_close(left @ right.T @ k, r, atol=1e-5, rtol=1e-5)
+
+
+REQS = [
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+    EditRequest("{} plays the sport of", "LeBron James", "football", "basketball"),
+    EditRequest("{}'s mother tongue is", "Danielle Darrieux", "English", "French"),
+]
+
+
+def _memit(model, tok, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp = MEMITHyperParams.scaled(3)
+    hp = MEMITHyperParams.from_dict({**hp.to_dict(), "mom2_n_samples": 200,
+                                     "context_template_length_params": [[5, 2]], **kw})
+    return MEMIT(model, tok, hp)
+
+
+def test_batch_edit_is_one_history_entry_and_reverts(gpt2_and_tok):
+    model, tok = gpt2_and_tok
+    base = snapshot(model)
+    editor = _memit(model, tok, layers=[0, 1])
+    before = score_targets(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])
+    editor.apply(REQS)
+    after = score_targets(model, tok, [r.text for r in REQS], [r.target_new for r in REQS])
+    assert (after > before).all()
+    assert len(editor.history) == 1
+    patch = editor.history[-1].patch
+    assert sorted(patch.deltas) == sorted(editor.edited_parameters()) and len(patch.deltas) == 2
+    # Few edits: each layer's delta is kept low rank, rank = number of requests.
+    assert all(d.rank == len(REQS) for d in patch.deltas.values())
+    edited = snapshot(model)
+    editor.revert()
+    assert state_equal(model, base)
+    fresh = copy.deepcopy(model)
+    patch.apply_to(fresh)
+    assert state_equal(fresh, edited)
+
+
+def test_conflicting_requests_rejected_before_any_work(gpt2_and_tok):
+    model, tok = gpt2_and_tok
+    editor = _memit(model, tok)
+    clash = EditRequest("{} plays the sport of", "LeBron James", "golf")
+    with pytest.raises(InvalidRequestError, match="golf"):
+        editor.apply([REQS[1], clash])
+    assert not editor._prepared  # refused before statistics or templates were computed
+    editor.compute_update([REQS[1], REQS[1]])  # the same target twice is fine
+
+
+@pytest.mark.parametrize("layers, needle", [([5], "5"), ([1, 0], "increasing"), ([], "empty")])
+def test_bad_layers(gpt2_and_tok, layers, needle):
+    model, tok = gpt2_and_tok
+    with pytest.raises(InvalidHyperParamsError, match=needle):
+        _memit(model, tok, layers=layers)
+
+
+def test_published_defaults():
+    assert MEMITHyperParams.PUBLISHED["gpt2-xl"]["layers"] == (13, 14, 15, 16, 17)
+    assert MEMITHyperParams.PUBLISHED["gpt2-xl"]["mom2_update_weight"] == 20_000
+    assert MEMITHyperParams.PUBLISHED["gpt-j-6b"]["layers"] == (3, 4, 5, 6, 7, 8)
+    assert MEMITHyperParams.PUBLISHED["gpt-j-6b"]["mom2_update_weight"] == 15_000
+    hp = MEMITHyperParams.scaled(48)
+    assert hp.layers == (13, 14, 15, 16, 17)
+    assert MEMITHyperParams.from_json(hp.to_json()) == hp
+
+
+def test_every_family_reaches_target_residuals(family_model):
+    """After the edit, the residual at the last edit layer is the optimised z (eq. 16)."""
+    fam, model, tok = family_model
+    base = snapshot(model)
+    editor = _memit(model, tok, layers=[0, 1], mom2_update_weight=1.0)
+    editor.prepare()
+    h0 = editor._residuals_at_last_layer(REQS[:2])
+    editor.apply(REQS[:2])
+    z, h = editor.last_targets, editor._residuals_at_last_layer(REQS[:2])
+    assert ((z - h).norm(dim=1) < 0.1 * (z - h0).norm(dim=1)).all(), fam
+    editor.revert()
+    assert state_equal(model, base)
