@@ -120,6 +120,12 @@ class MEMIT(Editor):
                              f"every layer in {list(hp.layers)}")
 
     # ------------------------------------------------------------------ steps
+    def layer_update(self, layer: int, keys: torch.Tensor,
+                     resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (left, right) of this layer's Δ = left @ rightᵀ (eq. 14)."""
+        return solve_layer_update(keys, resid, self.covariances[layer],
+                                  self.hparams.mom2_update_weight)
+
     def _keys(self, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
         """K at ``layer``: each request's key averaged over the context prefixes; (d_in, n)."""
         cols = []
@@ -166,8 +172,7 @@ class MEMIT(Editor):
             for i, layer in enumerate(hp.layers):
                 keys = self._keys(layer, items)
                 resid = (z - self._residuals_at_last_layer(items)).T / (len(hp.layers) - i)
-                left, right = solve_layer_update(keys, resid, self.covariances[layer],
-                                                 hp.mom2_update_weight)
+                left, right = self.layer_update(layer, keys, resid)
                 name = names[i]
                 d_out, d_in = left.shape[0], right.shape[0]
                 if len(items) * (d_out + d_in) < d_out * d_in:

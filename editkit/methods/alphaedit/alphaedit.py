@@ -1,0 +1,103 @@
+"""AlphaEdit (Fang et al. 2025, "AlphaEdit: Null-Space Constrained Knowledge Editing").
+
+MEMIT's update trades new keys against preserved ones through λC. AlphaEdit removes the
+trade-off: with K₀ the keys of knowledge to preserve (summarised by C = E[k kᵀ]) and P the
+projector onto the null space of C (eigenvectors whose eigenvalue is below a threshold),
+every update of the form Δ P leaves Δ P k₀ ≈ 0 for preserved keys k₀. The paper's objective
+
+    min_Δ ‖(Δ P) K₁ − R‖² + ‖Δ P‖² + ‖(Δ P) K_p‖²            (K_p: keys edited earlier)
+
+has the solution Δ P = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹ (paper eq. 14, α = ``l2``).
+Its transpose is X = (P (K_p K_pᵀ + K₁ K₁ᵀ) + α I)⁻¹ P K₁ Rᵀ, and α X = P (K₁ Rᵀ − A X)
+shows X lies in range(P), so the update satisfies Δ P = Δ exactly (up to round-off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from editkit.errors import InvalidHyperParamsError
+from editkit.methods.memit import MEMIT, MEMITHyperParams
+
+
+@dataclasses.dataclass
+class AlphaEditHyperParams(MEMITHyperParams):
+    """MEMIT's fields plus the null-space settings.
+
+    Attributes:
+        nullspace_threshold: Eigenvalues of C below ``nullspace_threshold · λ_max(C)`` span
+            the null space the update is confined to (relative, so it does not depend on the
+            scale of the keys; the reference uses an absolute 1e-2 on GPT-scale statistics).
+        l2: α, the ridge term of the projected solve.
+        remember_edits: Add the keys of each computed batch to K_p so later batches keep
+            them (sequential editing, as in the paper). Keys of batches that were later
+            reverted stay in K_p: a conservative constraint, never a wrong one.
+    """
+
+    nullspace_threshold: float = 1e-2
+    l2: float = 1.0
+    remember_edits: bool = True
+
+    PUBLISHED: ClassVar[dict[str, dict[str, Any]]] = {
+        name: {**values, "l2": 10.0} for name, values in MEMITHyperParams.PUBLISHED.items()
+    }
+    FACT_WORLD: ClassVar[dict[str, Any]] = {**MEMITHyperParams.FACT_WORLD, "l2": 1.0}
+
+    def validate(self, model, adapter) -> None:
+        super().validate(model, adapter)
+        if not 0 < self.nullspace_threshold < 1:
+            raise InvalidHyperParamsError(
+                f"nullspace_threshold={self.nullspace_threshold!r} must be in (0, 1): a "
+                "fraction of C's largest eigenvalue")
+        self.check_positive(l2=self.l2)
+
+
+def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U₀ U₀ᵀ over the eigenvectors of C with eigenvalue < threshold · λ_max (float64)."""
+    c = cov.detach().to(dtype=torch.float64, device="cpu")
+    eigvals, eigvecs = torch.linalg.eigh((c + c.T) / 2)
+    null = eigvecs[:, eigvals < threshold * eigvals.max()]
+    return null @ null.T
+
+
+def solve_projected_update(keys: torch.Tensor, resid: torch.Tensor, projector: torch.Tensor,
+                           previous: torch.Tensor | None, l2: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (R, Y) with Δ = R Yᵀ = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹, float64.
+
+    ``keys`` K₁ (d_in, n), ``resid`` R (d_out, n), ``projector`` P (d_in, d_in),
+    ``previous`` K_p K_pᵀ (d_in, d_in) or None. Y = (P A + α I)⁻¹ P K₁, A = K_p K_pᵀ + K₁K₁ᵀ.
+    """
+    k = keys.detach().to(dtype=torch.float64, device="cpu")
+    r = resid.detach().to(dtype=torch.float64, device="cpu")
+    p = projector.to(dtype=torch.float64)
+    a = k @ k.T if previous is None else previous.to(torch.float64) + k @ k.T
+    eye = torch.eye(k.shape[0], dtype=torch.float64)
+    return r, torch.linalg.solve(p @ a + l2 * eye, p @ k)
+
+
+class AlphaEdit(MEMIT):
+    """MEMIT whose per-layer updates live in the null space of the preserved keys."""
+
+    name = "alphaedit"
+    hparams_class = AlphaEditHyperParams
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        hp = self.hparams
+        self.projectors = {layer: null_space_projector(self.covariances[layer],
+                                                       hp.nullspace_threshold)
+                           for layer in hp.layers}
+        self.edited_key_moments: dict[int, torch.Tensor] = {}
+
+    def layer_update(self, layer: int, keys: torch.Tensor,
+                     resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        left, right = solve_projected_update(keys, resid, self.projectors[layer],
+                                             self.edited_key_moments.get(layer), self.hparams.l2)
+        if self.hparams.remember_edits:
+            k = keys.detach().to(dtype=torch.float64, device="cpu")
+            self.edited_key_moments[layer] = self.edited_key_moments.get(layer, 0) + k @ k.T
+        return left, right
