@@ -126,13 +126,25 @@ class MEMIT(Editor):
         return solve_layer_update(keys, resid, self.covariances[layer],
                                   self.hparams.mom2_update_weight)
 
+    def _template_groups(self) -> list[int]:
+        """Sizes of the context-template groups: the bare prompt, then one per prefix length.
+
+        MEMIT averages a key within each group and then over groups, so the bare prompt
+        weighs as much as all prefixes of one length together. Templates passed in by the
+        user that do not follow the generated layout form one group.
+        """
+        sizes = [1] + [count for _, count in self.hparams.context_template_length_params]
+        return sizes if sum(sizes) == len(self.context_templates) else [len(self.context_templates)]
+
     def _keys(self, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
-        """K at ``layer``: each request's key averaged over the context prefixes; (d_in, n)."""
+        """K at ``layer``: each request's key averaged over template groups; (d_in, n)."""
+        groups = self._template_groups()
         cols = []
         for r in requests:
             prompts = [apply_template(t, r.prompt) for t in self.context_templates]
-            cols.append(keys_at(self.model, self.tokenizer, self.adapter, layer, prompts,
-                                r.subject, self.hparams.fact_token).mean(0))
+            keys = keys_at(self.model, self.tokenizer, self.adapter, layer, prompts,
+                           r.subject, self.hparams.fact_token)
+            cols.append(torch.stack([g.mean(0) for g in keys.split(groups)]).mean(0))
         return torch.stack(cols, dim=1)
 
     def _residuals_at_last_layer(self, requests: Sequence[EditRequest]) -> torch.Tensor:
