@@ -1,0 +1,257 @@
+"""``editkit trace`` and ``editkit suggest-layer``: causal tracing from the command line.
+
+    editkit trace --model DIR --prompt "{} was born in" --subject "Ada Lovelace" --out out/
+    editkit trace --model DIR --data counterfact.json --n 100 --aie --out out/
+    editkit trace --model factworld --n 50 --aie --sever --out docs/tracing/
+    editkit suggest-layer --model DIR --data counterfact.json --n 50 [--sweep rome]
+
+``--model`` is a directory written by ``save_pretrained`` (model and tokenizer) or
+``factworld`` (the offline fact world, whose own records are the default ``--data``).
+``--data`` is a JSON list of CounterFact records (the answer traced is ``target_true``).
+Outputs: JSON of the raw numbers, token × layer heatmaps (PNG + SVG) and, with ``--aie``,
+the average indirect effect by token group with 95 % bands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+FACT_WORLD_NAMES = ("factworld", "fact_world", "fact-world")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="save_pretrained directory (model + tokenizer), or 'factworld'")
+    p.add_argument("--data", help="JSON list of CounterFact records (default for factworld: "
+                                  "its own records)")
+    p.add_argument("--n", type=int, default=None, help="trace the first N records")
+    p.add_argument("--window", type=int, default=None,
+                   help="MLP/attention window (default: 10 scaled to depth, 10 at 48 layers)")
+    p.add_argument("--samples", type=int, default=10, help="noise samples (paper: 10)")
+    p.add_argument("--noise", type=float, default=3.0, help="noise = NOISE × σ (paper: 3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=512,
+                   help="rows (restorations × samples) per forward")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``editkit trace`` and ``editkit suggest-layer``."""
+    t = subparsers.add_parser(
+        "trace", help="causal tracing: heatmaps of where a model recalls facts",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(t)
+    t.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} was born in'")
+    t.add_argument("--subject")
+    t.add_argument("--target", help="answer to trace (default: the model's prediction)")
+    t.add_argument("--aie", action="store_true",
+                   help="with --data: average indirect effect over the records")
+    t.add_argument("--kinds", default="hidden,mlp,attn",
+                   help="comma list of hidden, mlp, attn (default all three)")
+    t.add_argument("--sever", action="store_true",
+                   help="also trace hidden states with MLP / attention above frozen")
+    t.add_argument("--examples", type=int, default=3,
+                   help="with --data: heatmaps for the first N records (default 3)")
+    t.add_argument("--naive", action="store_true",
+                   help="use the straightforward implementation (slow; for checking)")
+    t.add_argument("--out", required=True, help="output directory")
+    t.set_defaults(func=run, tracing_command="trace")
+
+    s = subparsers.add_parser(
+        "suggest-layer", help="the layer of maximal MLP AIE at the last subject token",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(s)
+    s.add_argument("--sweep", metavar="METHOD",
+                   help="also edit at each layer with this method (e.g. rome, ft) and compare")
+    s.add_argument("--layers", help="comma list of layers to sweep (default all)")
+    s.add_argument("--sweep-n", type=int, default=None,
+                   help="records edited per layer in the sweep (default: as --n)")
+    s.add_argument("--out", help="write suggest_layer.json (+ sweep JSON and plots) here")
+    s.set_defaults(func=run, tracing_command="suggest-layer")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``editkit trace`` / ``editkit suggest-layer``; returns the exit status."""
+    if getattr(args, "tracing_command", "trace") == "suggest-layer":
+        return _suggest(args)
+    return _trace(args)
+
+
+# --------------------------------------------------------------------------- helpers
+def _load(args: argparse.Namespace):
+    from editkit.cli import load_model
+
+    return load_model(args.model, device=args.device)
+
+
+def _records(args: argparse.Namespace, n_default: int | None) -> list[dict]:
+    from editkit.errors import DatasetFormatError, EditkitError
+
+    n = args.n if args.n is not None else n_default
+    if args.data:
+        path = Path(args.data)
+        if not path.is_file():
+            raise EditkitError(f"--data {args.data!r} does not exist; pass a JSON file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetFormatError(f"--data {args.data!r} is not valid JSON: {exc}") from exc
+        if not isinstance(data, list):
+            raise DatasetFormatError(
+                f"--data {args.data!r} must hold a JSON list of CounterFact records")
+        return data[:n] if n is not None else data
+    if args.model in FACT_WORLD_NAMES:
+        from editkit.testbed import FactWorld
+
+        return FactWorld().records(n)
+    raise EditkitError("pass --data FILE (a JSON list of CounterFact records), or "
+                       "--prompt and --subject for a single prompt")
+
+
+def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
+    from editkit.tracing.trace import SEVERED_KINDS, check_kinds
+
+    kinds = check_kinds([k.strip() for k in args.kinds.split(",") if k.strip()])
+    return kinds + SEVERED_KINDS if args.sever else kinds
+
+
+def _print_trace(results: dict) -> None:
+    first = next(iter(results.values()))
+    print(f"{first.prompt.replace('{}', first.subject)!r} → {first.answer!r}: "
+          f"p clean {first.p_clean:.4f}, corrupted {first.p_corrupt:.4f}")
+    b, e = first.subject_range
+    for kind, res in results.items():
+        ie = res.indirect_effects
+        t, layer = divmod(int(ie.argmax()), ie.shape[1])
+        print(f"  {kind:18s} max IE {ie.max():+.4f} at token {t} {res.tokens[t]!r}"
+              f"{' (subject)' if b <= t < e else ''}, layer {layer}")
+
+
+# --------------------------------------------------------------------------- trace
+def _trace(args: argparse.Namespace) -> int:
+    from editkit.errors import EditkitError
+    from editkit.tracing import plots
+    from editkit.tracing.naive import trace_naive
+    from editkit.tracing.trace import CausalTracer, aie_by_kind, as_trace_requests
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = _kinds(args)
+    model, tokenizer = _load(args)
+    start = time.perf_counter()
+
+    if args.prompt or args.subject:
+        if not (args.prompt and args.subject):
+            raise EditkitError("--prompt and --subject go together, e.g. --prompt "
+                               "'{} was born in' --subject 'Ada Lovelace'")
+        texts = [args.subject]
+        prompts = [(args.prompt, args.subject, args.target)]
+    else:
+        requests = as_trace_requests(_records(args, 100))
+        texts = [r.subject for r in requests]
+        prompts = [(r.prompt, r.subject, r.target_true) for r in requests]
+
+    tracer = CausalTracer(model, tokenizer, texts=texts, samples=args.samples,
+                          noise=args.noise, seed=args.seed, batch_size=args.batch_size,
+                          progress=len(prompts) == 1 and not args.no_progress)
+    from tqdm.auto import tqdm
+
+    traces = []
+    for prompt, subject, target in tqdm(prompts, desc="causal trace",
+                                        disable=args.no_progress or len(prompts) == 1):
+        if args.naive:
+            res = trace_naive(model, tokenizer, prompt, subject, target, kinds=kinds,
+                              window=args.window, samples=args.samples,
+                              noise_std=tracer.noise_std, seed=args.seed)
+        else:
+            res = tracer.trace(prompt, subject, target, kinds=kinds, window=args.window)
+        traces.append(res)
+    elapsed = time.perf_counter() - start
+
+    payload = [{k: r.to_dict() for k, r in res.items()} for res in traces]
+    if len(traces) == 1:
+        (out / "trace.json").write_text(json.dumps(payload[0], indent=1))
+        plots.plot_traces(traces[0], out / "trace")
+        for kind, res in traces[0].items():
+            plots.plot_trace(res, out / f"trace_{kind}")
+        _print_trace(traces[0])
+    else:
+        (out / "traces.json").write_text(json.dumps(payload))
+        for i, res in enumerate(traces[: args.examples]):
+            plots.plot_traces(res, out / f"record_{i}")
+            _print_trace(res)
+    if args.aie:
+        aies = aie_by_kind(traces)
+        (out / "aie.json").write_text(json.dumps({k: a.to_dict() for k, a in aies.items()},
+                                                 indent=1))
+        plain = {k: a for k, a in aies.items() if k in ("hidden", "mlp", "attn")}
+        if plain:
+            plots.plot_aie(plain, out / "aie")
+            plots.plot_aie_heatmaps(plain, out / "aie_heatmap")
+        if any(k.startswith("hidden_sever") for k in aies):
+            plots.plot_severed(aies, path=out / "aie_severed")
+        first = next(iter(aies.values()))
+        print(f"AIE over {len(traces)} facts (p clean {first.p_clean:.3f}, corrupted "
+              f"{first.p_corrupt:.3f}); max over layers @ its layer, per token group:")
+        short = [g.replace(" subject ", " subj ").replace(" tokens", "").replace(" token", "")
+                 for g in first.groups]
+        print(f"  {'kind':18s}" + "".join(f"{g:>17s}" for g in short))
+        for kind, aie in aies.items():
+            cells = [f"{aie.mean[i].max():+.3f} @ {int(aie.mean[i].argmax())}"
+                     if aie.counts[i] else "-" for i in range(len(aie.groups))]
+            print(f"  {kind:18s}" + "".join(f"{c:>17s}" for c in cells))
+    print(f"traced {len(traces)} prompt(s) in {elapsed:.1f}s; wrote {out}/")
+    return 0
+
+
+# --------------------------------------------------------------------------- suggest-layer
+def _suggest(args: argparse.Namespace) -> int:
+    from editkit.tracing import plots
+    from editkit.tracing.layers import layer_from_aie, layer_sweep, mlp_aie
+
+    model, tokenizer = _load(args)
+    records = _records(args, 50)
+    aie = mlp_aie(model, tokenizer, records, window=args.window, samples=args.samples,
+                  noise=args.noise, seed=args.seed, batch_size=args.batch_size,
+                  progress=not args.no_progress)
+    layer, curve = layer_from_aie(aie)
+    print(f"suggested layer: {layer}  (MLP AIE at the last subject token over "
+          f"{aie.n_facts} facts, window {aie.window})")
+    for i, value in enumerate(curve):
+        se = aie.stderr[aie.groups.index("last subject token"), i]
+        print(f"  layer {i:3d}  AIE {value:+.4f} ± {1.96 * se:.4f}{'  <-' if i == layer else ''}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "suggest_layer.json").write_text(json.dumps(
+            {"layer": layer, "curve": curve.tolist(), "aie": aie.to_dict()}, indent=1))
+        plots.plot_aie({"mlp": aie}, out / "suggest_layer_aie")
+    if args.sweep:
+        layers = ([int(x) for x in args.layers.split(",")] if args.layers else None)
+        n_sweep = args.sweep_n if args.sweep_n is not None else len(records)
+        sweep = layer_sweep(args.sweep, model, tokenizer, records[:n_sweep], layers,
+                            trace_curve=curve, progress=not args.no_progress)
+        print(f"{sweep.method} sweep over {sweep.n_records} records:")
+        print("  layer  efficacy  magnitude  paraphrase  specificity  score  traced AIE")
+        for i, lay in enumerate(sweep.layers):
+            print(f"  {lay:5d}  {sweep.efficacy[i]:8.3f}  {sweep.efficacy_magnitude[i]:+9.3f}  "
+                  f"{sweep.paraphrase[i]:10.3f}  {sweep.specificity[i]:11.3f}  "
+                  f"{sweep.score[i]:5.3f}  {sweep.trace_curve[i]:+10.4f}")
+
+        def fmt(r: float | None) -> str:
+            return "n/a (constant)" if r is None else f"{r:+.3f}"
+
+        print(f"best layer (score): {sweep.best_layer}; traced layer: {layer}; "
+              f"{'agree' if sweep.agree else 'disagree'}")
+        print(f"corr(traced AIE, efficacy) = {fmt(sweep.correlation)}, with efficacy magnitude "
+              f"= {fmt(sweep.correlation_magnitude)}, with score = "
+              f"{fmt(sweep.correlation_score)}")
+        if out is not None:
+            sweep.save(out / f"layer_sweep_{sweep.method}.json")
+            plots.plot_layer_sweep(sweep, out / f"layer_sweep_{sweep.method}")
+    return 0

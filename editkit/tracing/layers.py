@@ -1,0 +1,303 @@
+"""Which layer to edit: the traced layer (:func:`suggest_layer`) and an edit sweep.
+
+ROME edits the MLP of the layer where restoring MLP outputs at the subject's last token has
+the largest average indirect effect (Meng et al. 2022, §2.3 and Fig. 2: layer 15–17 of GPT-2
+XL). Hase et al. (2023, "Does localization inform editing?") found that this traced layer
+does not predict well where editing works best, so :func:`layer_sweep` also edits at every
+candidate layer, measures edit success, and reports how well the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from editkit.errors import InvalidHyperParamsError, InvalidRequestError
+from editkit.requests import EditRequest
+from editkit.tokens import score_targets
+from editkit.tracing.trace import (
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    AIEResult,
+    as_trace_requests,
+    average_indirect_effect,
+    trace_records,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The token group whose MLP AIE picks the edit layer (paper: the last subject token).
+SUGGEST_GROUP = "last subject token"
+
+
+class LayerSuggestion(NamedTuple):
+    """``(layer, curve)``: the layer of maximal MLP AIE and the AIE curve over layers."""
+
+    layer: int
+    curve: np.ndarray
+
+
+def layer_from_aie(aie: AIEResult, group: str = SUGGEST_GROUP) -> LayerSuggestion:
+    """The argmax layer of ``aie``'s curve at ``group`` (ties: the lowest layer)."""
+    if group not in aie.groups:
+        raise InvalidRequestError(f"unknown token group {group!r}; use one of {aie.groups}")
+    curve = aie.curve(group)
+    return LayerSuggestion(int(np.argmax(curve)), curve)
+
+
+def mlp_aie(model: nn.Module, tokenizer, records: Iterable[Any], *, n: int | None = None,
+            window: int | None = None, samples: int = DEFAULT_SAMPLES,
+            noise: float = DEFAULT_NOISE, noise_std: float | None = None,
+            texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
+            only_correct: bool = False, adapter=None, progress: bool = True) -> AIEResult:
+    """AIE of MLP-output restorations over ``records`` (CounterFact dicts or requests)."""
+    traces = trace_records(model, tokenizer, records, kinds=("mlp",), window=window, n=n,
+                           samples=samples, noise=noise, noise_std=noise_std, texts=texts,
+                           seed=seed, batch_size=batch_size, adapter=adapter,
+                           progress=progress)
+    return average_indirect_effect([t["mlp"] for t in traces], only_correct=only_correct)
+
+
+def suggest_layer(model: nn.Module, tokenizer, records: Iterable[Any], *,
+                  n: int | None = None, window: int | None = None,
+                  samples: int = DEFAULT_SAMPLES, noise: float = DEFAULT_NOISE,
+                  noise_std: float | None = None, texts: Sequence[str] | None = None,
+                  seed: int = 0, batch_size: int = 512, only_correct: bool = False,
+                  group: str = SUGGEST_GROUP, adapter=None, progress: bool = True
+                  ) -> LayerSuggestion:
+    """The layer to edit: argmax over layers of the MLP AIE at the subject's last token.
+
+    Traces the rewrite prompt of each record (answer = its ``target_true``) with MLP
+    restorations over a window of ``window`` layers (default
+    :func:`~editkit.tracing.trace.default_window`) and returns ``(layer, curve)`` where
+    ``curve[l]`` is the AIE of the window centred on l. ``only_correct`` keeps the facts whose
+    true answer is the model's top-1 prediction (the paper traces known facts only).
+    """
+    aie = mlp_aie(model, tokenizer, records, n=n, window=window, samples=samples, noise=noise,
+                  noise_std=noise_std, texts=texts, seed=seed, batch_size=batch_size,
+                  only_correct=only_correct, adapter=adapter, progress=progress)
+    return layer_from_aie(aie, group)
+
+
+# --------------------------------------------------------------------------- sweep
+@dataclass
+class SweepResult:
+    """Edit success of ``method`` at each candidate layer, and its agreement with tracing.
+
+    Per layer: ``efficacy`` (fraction of rewrite prompts with P(new) > P(true) after the edit),
+    ``efficacy_magnitude`` (mean P(new) − P(true), P = exp(mean token log-prob)),
+    ``paraphrase`` (same on paraphrase prompts), ``specificity`` (fraction of neighbourhood
+    prompts still with P(true) > P(new)), ``score`` (harmonic mean of the three).
+    ``correlation``: Pearson r between the traced MLP AIE curve at the swept layers and the
+    efficacy (``correlation_magnitude``: with the efficacy magnitude, ``correlation_score``:
+    with the score); ``None`` if either is constant (e.g. efficacy 1.0 at every layer).
+    """
+
+    method: str
+    layers: list[int]
+    efficacy: list[float]
+    efficacy_magnitude: list[float]
+    paraphrase: list[float]
+    specificity: list[float]
+    score: list[float]
+    n_records: int
+    trace_curve: list[float] | None = None
+    traced_layer: int | None = None
+    correlation: float | None = None
+    correlation_magnitude: float | None = None
+    correlation_score: float | None = None
+
+    @property
+    def best_layer(self) -> int:
+        """Layer where editing works best: highest score (harmonic mean of efficacy,
+        paraphrase and specificity); ties by efficacy, then efficacy magnitude, then the
+        lower layer."""
+        def key(i: int) -> tuple[float, float, float, int]:
+            score = -1.0 if math.isnan(self.score[i]) else self.score[i]
+            return (score, self.efficacy[i], self.efficacy_magnitude[i], -i)
+
+        return self.layers[max(range(len(self.layers)), key=key)]
+
+    @property
+    def agree(self) -> bool | None:
+        """Whether the traced layer is the sweep's best layer (``None`` without a trace)."""
+        return None if self.traced_layer is None else self.traced_layer == self.best_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: ([None if isinstance(x, float) and math.isnan(x) else x for x in v]
+                 if isinstance(v, list) else v)
+             for k, v in dataclasses.asdict(self).items()}
+        d["best_layer"] = self.best_layer
+        d["agree"] = self.agree
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SweepResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        nan = float("nan")
+        return cls(**{k: ([nan if x is None else x for x in v]
+                          if isinstance(v, list) and k != "layers" else v)
+                      for k, v in data.items() if k in names})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _harmonic(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals or min(vals) <= 0:
+        return 0.0
+    return len(vals) / sum(1.0 / v for v in vals)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+@torch.no_grad()
+def edit_success(model: nn.Module, tokenizer, request: EditRequest) -> dict[str, float]:
+    """CounterFact-style success of the (already applied) edit ``request`` on ``model``.
+
+    Compares the mean per-token log-probability of ``target_new`` and ``target_true``
+    (:func:`editkit.tokens.score_targets`) on the rewrite prompt, the paraphrases and the
+    neighbourhood prompts. Missing prompt sets give NaN.
+    """
+    prompts = [request.text, *request.paraphrases, *request.neighborhood]
+    k = len(prompts)
+    lp = score_targets(model, tokenizer, prompts * 2,
+                       [request.target_new] * k + [request.target_true] * k)
+    new, true = lp[:k], lp[k:]
+    para = slice(1, 1 + len(request.paraphrases))
+    neigh = slice(1 + len(request.paraphrases), k)
+    return {
+        "efficacy": float(new[0] > true[0]),
+        "efficacy_magnitude": float(new[0].exp() - true[0].exp()),
+        "paraphrase": _mean((new[para] > true[para]).float().tolist()),
+        "specificity": _mean((true[neigh] > new[neigh]).float().tolist()),
+    }
+
+
+def _method_class(method: str | type) -> type:
+    if isinstance(method, str):
+        from editkit.registry import get_method
+
+        return get_method(method)
+    return method
+
+
+def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterable[Any],
+                layers: Sequence[int] | None = None, *, hparams=None,
+                trace_curve: Sequence[float] | None = None, trace: bool = True,
+                n: int | None = None, progress: bool = True, **trace_kwargs: Any
+                ) -> SweepResult:
+    """Edit every record at each of ``layers`` with ``method`` and measure success.
+
+    ``method``: a registered method name (``"rome"``, ``"ft"``) or an ``Editor`` subclass
+    whose hyperparameters have a ``layer`` field; ``hparams`` (default: the method's defaults
+    for this model) is copied with ``layer=l`` for each candidate l. Each record is edited on
+    its own (apply, score with :func:`edit_success`, revert), so the model is unchanged at the
+    end. ``layers`` defaults to every layer. The traced curve (``trace_curve``, or computed
+    with :func:`suggest_layer` and ``trace_kwargs`` if ``trace``) is reported beside the sweep
+    with their correlation.
+    """
+    from editkit.registry import get_adapter
+
+    cls = _method_class(method)
+    adapter = get_adapter(model)
+    requests = as_trace_requests(records)
+    if n is not None:
+        requests = requests[:n]
+    if not requests:
+        raise InvalidRequestError("layer_sweep needs at least one record")
+    for r in requests:
+        if r.target_true is None:
+            raise InvalidRequestError(
+                f"record {r.case_id!r} ({r.text!r}) has no target_true; the sweep compares "
+                "P(target_new) with P(target_true), so every record needs both"
+            )
+    n_layers = adapter.num_layers(model)
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    for layer in layers:
+        adapter.check_layer(model, layer, "layers")
+    if hparams is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hparams = cls.hparams_class.for_model(model, adapter)
+        logger.info("layer_sweep: %s defaults for this model: %s", cls.__name__,
+                    hparams.to_dict())
+    if "layer" not in {f.name for f in dataclasses.fields(hparams)}:
+        raise InvalidHyperParamsError(
+            f"{type(hparams).__name__} has no 'layer' field, so layer_sweep cannot move "
+            f"{cls.__name__}'s edit; sweep a single-layer method such as 'rome' or 'ft'"
+        )
+
+    traced_layer = None
+    if trace_curve is None and trace:
+        traced_layer, curve = suggest_layer(model, tokenizer, requests, progress=progress,
+                                            **trace_kwargs)
+        trace_curve = curve.tolist()
+    elif trace_curve is not None:
+        trace_curve = [float(x) for x in trace_curve]
+        if len(trace_curve) != n_layers:
+            raise InvalidRequestError(
+                f"trace_curve has {len(trace_curve)} values but the model has {n_layers} "
+                "layers; pass the curve returned by suggest_layer"
+            )
+        traced_layer = int(np.argmax(trace_curve))
+
+    metrics: dict[str, list[float]] = {k: [] for k in
+                                       ("efficacy", "efficacy_magnitude", "paraphrase",
+                                        "specificity")}
+    bar = tqdm(total=len(layers) * len(requests), desc=f"{cls.__name__} layer sweep",
+               disable=not progress)
+    for layer in layers:
+        editor = cls(model, tokenizer, hparams=dataclasses.replace(hparams, layer=layer),
+                     adapter=adapter)
+        per_record = []
+        for request in requests:
+            editor.apply(request)
+            try:
+                per_record.append(edit_success(model, tokenizer, request))
+            finally:
+                editor.revert()
+            bar.update()
+        for key, values in metrics.items():
+            values.append(_mean([m[key] for m in per_record if not math.isnan(m[key])]))
+    bar.close()
+
+    swept_curve = None if trace_curve is None else [trace_curve[i] for i in layers]
+    scores = [_harmonic(v) for v in zip(metrics["efficacy"], metrics["paraphrase"],
+                                        metrics["specificity"], strict=True)]
+    return SweepResult(
+        method=getattr(cls, "name", cls.__name__), layers=layers,
+        efficacy=metrics["efficacy"], efficacy_magnitude=metrics["efficacy_magnitude"],
+        paraphrase=metrics["paraphrase"], specificity=metrics["specificity"],
+        score=scores,
+        n_records=len(requests), trace_curve=swept_curve, traced_layer=traced_layer,
+        correlation=None if swept_curve is None else _pearson(swept_curve,
+                                                              metrics["efficacy"]),
+        correlation_magnitude=None if swept_curve is None else _pearson(
+            swept_curve, metrics["efficacy_magnitude"]),
+        correlation_score=None if swept_curve is None else _pearson(swept_curve, scores),
+    )

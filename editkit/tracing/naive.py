@@ -1,0 +1,125 @@
+"""The straightforward causal trace: one full forward per (token, layer, kind).
+
+This is the paper's procedure written as plainly as possible (Meng et al. 2022, §2.1): for
+every token i and layer l, run the whole model on the ``n`` corrupted copies of the prompt
+(noise on the subject embeddings) with hooks that overwrite the restored state(s) with their
+clean values, and read P(answer) at the last position. The severed kinds additionally overwrite
+the MLP (or attention) output of the restored token in every layer with its value in the
+corrupted run, as the paper's Fig. 7 experiment does (at layers at or below l this changes
+nothing, so the fast implementation only freezes the layers above l).
+
+It shares only the set-up (tokenization, subject range, answer token, noise) with
+:mod:`editkit.tracing.trace`, so the two compute the same quantity through independent
+forward machinery; the test-suite checks they agree to 1e-4. It is slow (~3·T·L forwards per
+prompt) and meant as the oracle and the baseline of ``benchmarks/bench_tracing.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from editkit.nethooks import Trace
+from editkit.tracing.trace import (
+    _FREEZE_OF_KIND,
+    _SLOT_OF_KIND,
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    KINDS,
+    TraceResult,
+    _check_window,
+    _eval_mode,
+    _model_device,
+    answer_probs,
+    check_kinds,
+    corrupt,
+    embedding_std,
+    prepare_prompt,
+    weight_embedding_std,
+    window_layers,
+)
+
+
+def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
+                target: str | None = None, *, kinds: str | Iterable[str] = KINDS,
+                window: int | None = None, samples: int = DEFAULT_SAMPLES,
+                noise: float = DEFAULT_NOISE, noise_std: float | None = None,
+                texts=None, seed: int = 0, adapter=None) -> dict[str, TraceResult]:
+    """Same arguments and results as :func:`~editkit.tracing.causal_trace`, one cell at a time."""
+    from editkit.registry import get_adapter
+
+    adapter = adapter or get_adapter(model)
+    kinds = check_kinds(kinds)
+    L = adapter.num_layers(model)
+    window = _check_window(window, L)
+    if noise_std is None:
+        sigma = (embedding_std(model, tokenizer, texts, adapter) if texts
+                 else weight_embedding_std(model, adapter))
+        noise_std = noise * sigma
+    emb_name = adapter.module_name("embedding")
+    hidden = adapter.module(model, "embedding").weight.shape[-1]
+    tp = prepare_prompt(tokenizer, prompt, subject, target, hidden_size=hidden,
+                        samples=samples, noise_std=float(noise_std), seed=seed)
+    T = tp.n_tokens
+    ids = torch.tensor([tp.input_ids], device=_model_device(model))
+    noisy_ids = ids.expand(samples, -1)
+    names = {slot: [adapter.module_name(slot, i) for i in range(L)]
+             for slot in ("block", "mlp", "attn")}
+
+    def add_noise(h: torch.Tensor) -> torch.Tensor:
+        return corrupt(h, tp.noise, tp.subject_range)
+
+    with _eval_mode(model):
+        # clean run: every state we may restore
+        all_names = names["block"] + names["mlp"] + names["attn"]
+        with Trace(model, all_names, retain_output=True) as clean:
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+        top1 = int(logits[0].argmax())
+        if tp.answer_id is None:
+            tp.answer_id, tp.answer = top1, tokenizer.decode([top1]).strip()
+        p_clean = float(answer_probs(logits, tp.answer_id)[0])
+
+        # corrupted run: P*(o), and the corrupted MLP/attention outputs the severed kinds freeze
+        with Trace(model, names["mlp"] + names["attn"], retain_output=True) as bad, \
+                Trace(model, [emb_name], edit_output=lambda _, h: add_noise(h)):
+            logits = model(input_ids=noisy_ids, use_cache=False).logits[:, -1]
+        p_corrupt = float(answer_probs(logits, tp.answer_id).mean())
+
+        def restored_prob(slot: str, token: int, layers: Iterable[int], freeze: str | None
+                          ) -> float:
+            patch = {names[slot][i]: i for i in layers}
+            frozen = set(names[freeze]) if freeze else set()
+
+            def edit(name: str, h: torch.Tensor) -> torch.Tensor:
+                if name == emb_name:
+                    return add_noise(h)
+                h = h.clone()
+                if name in frozen:
+                    h[:, token] = bad.outputs[name][:, token]
+                if name in patch:
+                    h[:, token] = clean.outputs[name][0, token]
+                return h
+
+            with Trace(model, [emb_name, *patch, *frozen], edit_output=edit):
+                logits = model(input_ids=noisy_ids, use_cache=False).logits[:, -1]
+            return float(answer_probs(logits, tp.answer_id).mean())
+
+        results = {}
+        for kind in kinds:
+            slot, freeze = _SLOT_OF_KIND[kind], _FREEZE_OF_KIND.get(kind)
+            scores = np.zeros((T, L), dtype=np.float64)
+            for t in range(T):
+                for layer in range(L):
+                    layers = [layer] if slot == "block" else window_layers(layer, window, L)
+                    scores[t, layer] = restored_prob(slot, t, layers, freeze)
+            results[kind] = TraceResult(
+                kind=kind, scores=scores, p_clean=p_clean, p_corrupt=p_corrupt,
+                tokens=tp.tokens, subject_range=tp.subject_range,
+                window=1 if slot == "block" else window, prompt=prompt, subject=subject,
+                answer=tp.answer, answer_id=tp.answer_id, samples=samples,
+                noise_std=float(noise_std), correct_prediction=top1 == tp.answer_id,
+            )
+    return results

@@ -1,0 +1,1084 @@
+"""Causal tracing (Meng et al. 2022, §2): where does a model recall a fact?
+
+Three runs of the model on a prompt whose subject is known, e.g. "{} was born in" with
+subject "Ada Lovelace" and answer o = " London":
+
+1. **clean** run: record every hidden state h_i^(l) (block output), MLP output m_i^(l) and
+   attention output a_i^(l), and P(o) (``p_clean``).
+2. **corrupted** run: add Gaussian noise ε ~ N(0, ν²) to the embeddings of the subject tokens,
+   ν = 3σ with σ the standard deviation of token embeddings over a text sample (paper:
+   ν = 3σ, n = 10 noise samples), and read P*(o) averaged over the samples (``p_corrupt``).
+3. **corrupted-with-restoration** runs: corrupt as in 2 but overwrite one state with its clean
+   value, for every token i and layer l: the hidden state h_i^(l) (kind ``"hidden"``), or the
+   MLP / attention outputs of token i in a window of ``w`` layers centred on l (kinds
+   ``"mlp"``, ``"attn"``; paper w = 10, clipped at the first and last layer). The score of
+   (i, l) is P*_{clean h_i^(l)}(o); its **indirect effect** is
+   IE = P*_{clean h_i^(l)}(o) − P*(o) (paper Eq. in §2.1).
+
+The "severed" kinds (paper Fig. 7) restore h_i^(l) as ``"hidden"`` does while freezing the
+MLP (``"hidden_sever_mlp"``) or attention (``"hidden_sever_attn"``) outputs of the same token
+i in the layers above l at their corrupted values, so those modules cannot respond to the
+restored state: how much of the effect of h_i^(l) flows through the MLPs (or attention) of
+token i in later layers.
+
+The **average indirect effect** (AIE) over many facts is reported per token group (first,
+middle and last subject token, first subsequent token, further tokens, last token).
+
+Speed. The straightforward method (:mod:`editkit.tracing.naive`, the test oracle) runs one
+full forward of ``n`` noise samples per (token, layer, kind): ~3·T·L forwards per prompt.
+:class:`CausalTracer` computes exactly the same numbers much faster:
+
+- A restoration whose lowest restored layer is s leaves every state below block s equal to
+  the corrupted run's, so its forward starts at block s from the corrupted run's cached
+  residual input of that block; the keyword arguments each block received (rotary position
+  embeddings, attention masks) are captured once with forward pre-hooks and reused. A hidden
+  state restored at layer l is block l's output: its forward starts at block l + 1.
+- A restoration at token t leaves tokens before t unchanged: only tokens t..T-1 are run, the
+  earlier tokens' keys and values coming from the corrupted run through the model's cache.
+- Within a block, MLP and attention outputs only feed their own token, so one forward of block
+  s with the MLP (attention) output restored at every token gives the first block of every
+  MLP (attention) restoration starting at s.
+- All restorations of one token (every layer and kind) share one batch (restorations × noise
+  samples rows), each joining at its own first block; duplicates (windows clipped at the ends)
+  are computed once.
+- Tokens before the subject are identical in the clean and corrupted runs, so restoring them
+  changes nothing: their score is P*(o) without a forward.
+- The last block's MLP runs on the last token only, and only that token goes through the final
+  norm and the unembedding.
+
+Each shortcut is checked numerically on a model's first prompt and switched off if it does not
+reproduce the model.
+
+Everything goes through the model's :class:`~editkit.models.adapter.ModelAdapter` (slots
+``embedding``, ``block``, ``mlp``, ``attn``, ``final_norm``, ``lm_head``), so every
+registered family works.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import inspect
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from editkit.errors import InvalidHyperParamsError, InvalidRequestError, UnsupportedModelError
+from editkit.nethooks import Trace, hidden_of, with_hidden
+from editkit.requests import EditRequest
+from editkit.tokens import encode, fill, prompt_target_ids, subject_char_span, token_index_at_char
+
+logger = logging.getLogger(__name__)
+
+#: Restoration kinds: hidden state (block output), MLP output, attention output.
+KINDS = ("hidden", "mlp", "attn")
+#: Hidden-state restoration with the MLP / attention outputs of the restored token above the
+#: restored layer frozen at their corrupted values (paper Fig. 7).
+SEVERED_KINDS = ("hidden_sever_mlp", "hidden_sever_attn")
+ALL_KINDS = KINDS + SEVERED_KINDS
+
+#: Token groups of the AIE (paper Fig. 2).
+GROUPS = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
+
+#: The paper's noise level: ν = 3σ.
+DEFAULT_NOISE = 3.0
+#: The paper's number of noise samples.
+DEFAULT_SAMPLES = 10
+#: The paper's MLP/attention window (GPT-2 XL, 48 layers).
+PAPER_WINDOW = 10
+
+_SLOT_OF_KIND = {"hidden": "block", "mlp": "mlp", "attn": "attn",
+                 "hidden_sever_mlp": "block", "hidden_sever_attn": "block"}
+_FREEZE_OF_KIND = {"hidden_sever_mlp": "mlp", "hidden_sever_attn": "attn"}
+
+
+# --------------------------------------------------------------------------- helpers
+def check_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
+    """Normalise ``kinds`` to a tuple of known kinds, raising a typed error otherwise."""
+    items = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in items if k not in ALL_KINDS]
+    if bad or not items:
+        raise InvalidHyperParamsError(
+            f"unknown tracing kind(s) {bad or items!r}; use any of {ALL_KINDS}"
+        )
+    return tuple(dict.fromkeys(items))
+
+
+def default_window(n_layers: int) -> int:
+    """MLP/attention window for a model with ``n_layers`` blocks.
+
+    The paper uses w = 10 on GPT-2 XL (48 layers). On a small model a window of 10 would cover
+    the whole network and every column of the trace would be the same, so the window is scaled
+    to keep the paper's fraction of the depth: ``round(10 · L / 48)``, between 1 and 10.
+    """
+    return max(1, min(PAPER_WINDOW, round(PAPER_WINDOW * n_layers / 48)))
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """Layers restored for a window of ``window`` layers centred on ``layer``.
+
+    ``[layer − ⌊w/2⌋, layer + ⌈w/2⌉)`` clipped to ``[0, n_layers)``, as in the paper's code
+    (for w = 10: the five layers below ``layer``, ``layer`` itself and the four above it).
+    """
+    return range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
+
+
+def _check_window(window: int | None, n_layers: int) -> int:
+    if window is None:
+        return default_window(n_layers)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise InvalidHyperParamsError(f"window={window!r} must be a positive integer")
+    return window
+
+
+def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
+    """Token range ``[first, last + 1)`` of the subject in ``fill(prompt, subject)``.
+
+    Character based (see :mod:`editkit.tokens`): the first subject token is the token that
+    contains the subject's first character, the last one the last token that overlaps it.
+    """
+    start, end = subject_char_span(prompt, subject)
+    text = fill(prompt, subject)
+    first = token_index_at_char(tokenizer, text, start + 1, start)
+    last = token_index_at_char(tokenizer, text, end, start)
+    return first, last + 1
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while tracing; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def embedding_std(model: nn.Module, tokenizer, texts: Sequence[str], adapter=None) -> float:
+    """σ: standard deviation of the token embeddings of ``texts`` (all tokens, all dims).
+
+    The corruption noise is ν = 3σ (paper §2.1; the paper measures σ over the subjects of its
+    fact set). Uses the adapter's ``embedding`` slot.
+    """
+    from editkit.registry import get_adapter
+
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise InvalidRequestError(
+            "embedding_std needs at least one non-empty text; pass the subjects of your facts "
+            "or any sample of ordinary text"
+        )
+    adapter = adapter or get_adapter(model)
+    emb = adapter.module(model, "embedding")
+    device = _model_device(model)
+    total = total_sq = 0.0
+    count = 0
+    for text in texts:
+        ids = torch.tensor([encode(tokenizer, text)], device=device)
+        e = hidden_of(emb(ids)).double()
+        total += float(e.sum())
+        total_sq += float((e * e).sum())
+        count += e.numel()
+    mean = total / count
+    return math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
+
+
+def weight_embedding_std(model: nn.Module, adapter=None) -> float:
+    """Fallback σ when no text sample is given: std of the embedding matrix's entries."""
+    from editkit.registry import get_adapter
+
+    adapter = adapter or get_adapter(model)
+    return float(adapter.module(model, "embedding").weight.detach().double().std())
+
+
+def make_noise(samples: int, n_tokens: int, hidden: int, scale: float, seed: int) -> torch.Tensor:
+    """The corruption ε ~ N(0, scale²) of shape (samples, subject tokens, hidden), seeded.
+
+    Drawn on the CPU with its own ``torch.Generator`` so the same seed gives the same noise on
+    every device, for every kind, and for the fast and the straightforward implementation.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn((samples, n_tokens, hidden), generator=gen, dtype=torch.float32) * scale
+
+
+def corrupt(hidden: torch.Tensor, noise: torch.Tensor, subject_range: tuple[int, int]
+            ) -> torch.Tensor:
+    """Embeddings ``hidden`` (n, T, d) with ``noise`` (n, s, d) added at the subject tokens."""
+    b, e = subject_range
+    out = hidden.clone()
+    out[:, b:e] = out[:, b:e] + noise.to(device=out.device, dtype=out.dtype)
+    return out
+
+
+@dataclass
+class TracePrompt:
+    """A tokenized prompt ready to trace: subject range, answer token, corruption noise."""
+
+    prompt: str
+    subject: str
+    text: str
+    input_ids: list[int]
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    answer: str
+    answer_id: int | None
+    noise: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def prepare_prompt(tokenizer, prompt: str, subject: str, target: str | None, *,
+                   hidden_size: int, samples: int, noise_std: float, seed: int) -> TracePrompt:
+    """Tokenize, locate the subject, pick the answer's first token, draw the noise.
+
+    ``target=None`` leaves ``answer_id`` unset: the caller uses the model's own prediction.
+    """
+    if prompt.count("{}") != 1:
+        raise InvalidRequestError(
+            f"prompt {prompt!r} must contain exactly one '{{}}' where the subject goes, "
+            "e.g. '{} was born in'"
+        )
+    if not isinstance(subject, str) or not subject.strip():
+        raise InvalidRequestError(f"subject {subject!r} must be a non-empty string")
+    if not isinstance(samples, int) or samples < 1:
+        raise InvalidHyperParamsError(f"samples={samples!r} must be a positive integer")
+    text = fill(prompt, subject)
+    ids = encode(tokenizer, text)
+    b, e = subject_token_range(tokenizer, prompt, subject)
+    answer, answer_id = "", None
+    if target is not None:
+        if not target.strip():
+            raise InvalidRequestError(f"target {target!r} is empty; give the expected answer")
+        _, target_ids = prompt_target_ids(tokenizer, text, target)
+        answer, answer_id = target.strip(), int(target_ids[0])
+    return TracePrompt(
+        prompt=prompt, subject=subject, text=text, input_ids=ids,
+        tokens=[tokenizer.decode([i]) for i in ids], subject_range=(b, e),
+        answer=answer, answer_id=answer_id,
+        noise=make_noise(samples, e - b, hidden_size, noise_std, seed),
+    )
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class TraceResult:
+    """Causal trace of one prompt for one kind.
+
+    ``scores[i, l]`` is P(answer) averaged over the noise samples after restoring token i at
+    layer l (window centred on l for MLP/attention); ``indirect_effects = scores − p_corrupt``.
+    """
+
+    kind: str
+    scores: np.ndarray
+    p_clean: float
+    p_corrupt: float
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    window: int
+    prompt: str = ""
+    subject: str = ""
+    answer: str = ""
+    answer_id: int | None = None
+    samples: int = DEFAULT_SAMPLES
+    noise_std: float = 0.0
+    correct_prediction: bool = True
+
+    @property
+    def indirect_effects(self) -> np.ndarray:
+        return self.scores - self.p_corrupt
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.scores.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "scores": self.scores.tolist(), "p_clean": self.p_clean,
+            "p_corrupt": self.p_corrupt, "tokens": list(self.tokens),
+            "subject_range": list(self.subject_range), "window": self.window,
+            "prompt": self.prompt, "subject": self.subject, "answer": self.answer,
+            "answer_id": self.answer_id, "samples": self.samples, "noise_std": self.noise_std,
+            "correct_prediction": self.correct_prediction,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TraceResult:
+        d = dict(data)
+        d["scores"] = np.asarray(d["scores"], dtype=np.float64)
+        d["subject_range"] = tuple(d["subject_range"])
+        return cls(**d)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+@dataclass
+class AIEResult:
+    """Average indirect effect over facts, per token group and layer (paper Fig. 2).
+
+    ``mean[g, l]`` and ``stderr[g, l]`` for group ``groups[g]``; ``counts[g]`` facts had that
+    group. Within a fact, the middle subject tokens (and the further tokens) are averaged
+    first, so every fact counts once and the standard error is std / √count.
+    """
+
+    kind: str
+    window: int
+    groups: list[str]
+    mean: np.ndarray
+    stderr: np.ndarray
+    counts: list[int]
+    n_facts: int
+    p_clean: float
+    p_corrupt: float
+
+    @property
+    def total_effect(self) -> float:
+        """Average total effect P(o) − P*(o)."""
+        return self.p_clean - self.p_corrupt
+
+    def curve(self, group: str = "last subject token") -> np.ndarray:
+        return self.mean[self.groups.index(group)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "window": self.window, "groups": list(self.groups),
+            "mean": self.mean.tolist(), "stderr": self.stderr.tolist(),
+            "counts": list(self.counts), "n_facts": self.n_facts, "p_clean": self.p_clean,
+            "p_corrupt": self.p_corrupt, "total_effect": self.total_effect,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AIEResult:
+        d = {k: v for k, v in data.items() if k != "total_effect"}
+        d["mean"] = np.asarray(d["mean"], dtype=np.float64)
+        d["stderr"] = np.asarray(d["stderr"], dtype=np.float64)
+        return cls(**d)
+
+
+def token_groups(n_tokens: int, subject_range: tuple[int, int]) -> dict[str, list[int]]:
+    """Token indices of each AIE group for a prompt (empty lists for absent groups)."""
+    b, e = subject_range
+    last = n_tokens - 1
+    return {
+        "first subject token": [b],
+        "middle subject tokens": list(range(b + 1, e - 1)),
+        "last subject token": [e - 1],
+        "first subsequent token": [e] if e <= last else [],
+        "further tokens": list(range(e + 1, last)),
+        "last token": [last],
+    }
+
+
+def average_indirect_effect(results: Sequence[TraceResult], *, only_correct: bool = False
+                            ) -> AIEResult:
+    """AIE by token group and layer over ``results`` (one kind), with standard errors."""
+    results = [r for r in results if r.correct_prediction or not only_correct]
+    if not results:
+        raise InvalidRequestError("no trace results to average; trace at least one fact")
+    kinds = {r.kind for r in results}
+    layers = {r.n_layers for r in results}
+    if len(kinds) != 1 or len(layers) != 1:
+        raise InvalidRequestError(
+            f"average_indirect_effect needs results of one kind on one model; got kinds "
+            f"{sorted(kinds)} and layer counts {sorted(layers)}"
+        )
+    n_layers = layers.pop()
+    per_group: dict[str, list[np.ndarray]] = {g: [] for g in GROUPS}
+    for r in results:
+        ie = r.indirect_effects
+        for g, idx in token_groups(len(r.tokens), r.subject_range).items():
+            if idx:
+                per_group[g].append(ie[idx].mean(axis=0))
+    mean = np.zeros((len(GROUPS), n_layers))
+    stderr = np.zeros((len(GROUPS), n_layers))
+    counts = []
+    for gi, g in enumerate(GROUPS):
+        rows = np.stack(per_group[g]) if per_group[g] else np.zeros((0, n_layers))
+        counts.append(len(rows))
+        if len(rows):
+            mean[gi] = rows.mean(axis=0)
+        if len(rows) > 1:
+            stderr[gi] = rows.std(axis=0, ddof=1) / math.sqrt(len(rows))
+    return AIEResult(
+        kind=results[0].kind, window=results[0].window, groups=list(GROUPS), mean=mean,
+        stderr=stderr, counts=counts, n_facts=len(results),
+        p_clean=float(np.mean([r.p_clean for r in results])),
+        p_corrupt=float(np.mean([r.p_corrupt for r in results])),
+    )
+
+
+# --------------------------------------------------------------------------- model runs
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class _BlockInputs:
+    """Forward pre-hooks (with kwargs) that capture what every block is called with."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.blocks = blocks
+        self.calls: list[Call | None] = [None] * len(blocks)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _BlockInputs:
+        for i, block in enumerate(self.blocks):
+            def hook(module, args, kwargs, i=i):
+                self.calls[i] = (tuple(args), dict(kwargs))
+            self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def result(self) -> list[Call]:
+        if any(c is None for c in self.calls):
+            raise UnsupportedModelError(
+                "a transformer block was not called during the forward; this model's forward "
+                "does not run every block; use editkit.tracing.naive.trace_naive"
+            )
+        return list(self.calls)  # type: ignore[arg-type]
+
+
+def _map_tensors(obj: Any, fn) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _expand_batch(obj: Any, batch: int) -> Any:
+    """Broadcast batch-1 tensors (ndim ≥ 2: masks, positions, rotary tables) to ``batch`` rows."""
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 2 and t.shape[0] == 1 and batch != 1:
+            return t.expand(batch, *t.shape[1:])
+        return t
+    return _map_tensors(obj, expand)
+
+
+def _swap_cache(obj: Any, cache: Any) -> Any:
+    """``obj`` with every ``transformers`` cache object in it replaced by ``cache``."""
+    from transformers.cache_utils import Cache
+
+    if isinstance(obj, Cache):
+        return cache
+    if isinstance(obj, tuple):
+        return tuple(_swap_cache(o, cache) for o in obj)
+    if isinstance(obj, list):
+        return [_swap_cache(o, cache) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _swap_cache(v, cache) for k, v in obj.items()}
+    return obj
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """Name of the key/value-cache argument of ``model.forward`` (``cache`` in transformers 5)."""
+    params = inspect.signature(model.forward).parameters
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
+
+
+def _cache_tensors(output: Any, n_layers: int, n_tokens: int
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer (keys, values) of a model output's cache, or ``None`` if unusable."""
+    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    try:
+        kv = [(item[0], item[1]) for item in cache]
+    except Exception:  # no cache, or a cache type we cannot read: no prefix reuse
+        return None
+    ok = len(kv) == n_layers and all(
+        isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+        and k.shape[-2] == n_tokens and v.shape[-2] == n_tokens for k, v in kv)
+    return kv if ok else None
+
+
+def _one_layer_cache(layer: int, keys: torch.Tensor, values: torch.Tensor) -> Any:
+    """A ``DynamicCache`` holding ``keys``/``values`` for block ``layer`` only."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(None, None)] * layer + [(keys, values)])
+
+
+class _ModuleHook:
+    """Edits an MLP/attention output (restore / freeze); with ``trim``, the module runs on the
+    last position only and its output is zero-padded back to full length (the last block's
+    MLP: only its last position reaches the logits; position-wise, so exact there)."""
+
+    def __init__(self, edit, slot: str, layer: int, trim: bool) -> None:
+        self.edit, self.slot, self.layer, self.trim = edit, slot, layer, trim
+        self.length = 0
+
+    def register(self, module: nn.Module) -> list[Any]:
+        handles = [module.register_forward_hook(self.after)]
+        if self.trim:
+            handles.append(module.register_forward_pre_hook(self.before, with_kwargs=True))
+        return handles
+
+    def before(self, module, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+            self.length = args[0].shape[1]
+            return (args[0][:, -1:], *args[1:]), kwargs
+        self.length = 0  # unexpected call signature: run in full
+        return None
+
+    def after(self, module, args, output):
+        h = hidden_of(output)
+        if self.trim and self.length and h.shape[1] == 1:
+            full = h.new_zeros(h.shape[0], self.length, h.shape[2])
+            full[:, -1:] = h
+            h = full
+        return with_hidden(output, self.edit(self.slot, self.layer, h))
+
+
+def answer_probs(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
+    """P(answer) per row from last-position ``logits`` (rows × vocab), in float32."""
+    return torch.softmax(logits.float(), dim=-1)[:, answer_id]
+
+
+@dataclass
+class _Runs:
+    """Clean and corrupted runs of one prompt: what the fast path reuses."""
+
+    p_clean: float
+    p_corrupt: float
+    top1: int
+    clean: dict[str, list[torch.Tensor]]       # slot -> per layer (T, d)
+    corrupt_in: list[torch.Tensor]             # block inputs, then last output: (n, T, d)
+    corrupt: dict[str, list[torch.Tensor]]     # "mlp"/"attn" -> per layer (n, T, d)
+    calls: list[Call]                          # block calls of the full prompt (no cache)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # corrupted keys/values per layer
+    suffix_calls: dict[tuple[int, int], list[Call]] = field(default_factory=dict)
+    # (slot, layer) -> block output (n, T, d) with the slot's output restored at every token
+    first_block: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Restore:
+    """One restoration: the clean value of ``slot`` at ``token`` in ``layers`` (+ freezing).
+
+    ``freeze``: a slot whose outputs at ``token`` in layers > ``freeze_above`` are set to
+    their corrupted values (severed kinds). Slot ``"none"`` restores nothing (self-check).
+    """
+
+    slot: str
+    token: int
+    layers: tuple[int, ...]
+    freeze: str | None = None
+    freeze_above: int = -1
+
+    @property
+    def entry(self) -> int:
+        """First block that must run: a hidden state restored at layer l is block l's output,
+        so only blocks above l run; MLP/attention outputs live inside their block."""
+        return self.layers[0] + 1 if self.slot == "block" else self.layers[0]
+
+
+@dataclass
+class CausalTracer:
+    """Fast causal tracing of one model (see the module docstring for the method).
+
+    ``noise_std`` is ν (default 3σ with σ = :func:`embedding_std` of ``texts``, or of the
+    embedding matrix if no texts are given); ``samples`` noise draws per prompt (paper 10);
+    ``seed`` seeds the noise of every prompt; ``batch_size`` caps the rows (restorations ×
+    samples) of one forward; ``reuse_prefix`` runs a restoration at token t on tokens ≥ t only,
+    with the corrupted run's keys/values of the earlier tokens (off: whole prompt);
+    ``first_blocks`` precomputes the first block of MLP/attention restorations (see
+    :meth:`_first_block`); ``verify`` checks once per tracer that the block-by-block forward
+    and the shortcuts reproduce the model (a shortcut that does not is switched off).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    noise_std: float | None = None
+    texts: Sequence[str] | None = None
+    samples: int = DEFAULT_SAMPLES
+    noise: float = DEFAULT_NOISE
+    seed: int = 0
+    batch_size: int = 512
+    adapter: Any = None
+    progress: bool = False
+    reuse_prefix: bool = True
+    first_blocks: bool = True
+    verify: bool = True
+    _verified: bool = field(default=False, init=False, repr=False)
+    _first_block_ok: bool = field(default=True, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from editkit.registry import get_adapter
+
+        self.adapter = self.adapter or get_adapter(self.model)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidHyperParamsError(f"batch_size={self.batch_size!r} must be ≥ 1")
+        if self.noise_std is None:
+            if self.texts:
+                sigma = embedding_std(self.model, self.tokenizer, self.texts, self.adapter)
+            else:
+                sigma = weight_embedding_std(self.model, self.adapter)
+                logger.info("no text sample for σ: using the std of the embedding matrix")
+            self.noise_std = self.noise * sigma
+        self.n_layers = self.adapter.num_layers(self.model)
+        self._cache_arg = _cache_argument(self.model) if self.reuse_prefix else None
+        self._first_block_ok = self.first_blocks
+
+    # ------------------------------------------------------------------ public
+    @property
+    def shortcuts(self) -> dict[str, bool]:
+        """Which optional shortcuts are on (after the first trace: which passed the check)."""
+        return {"reuse_prefix": self._cache_arg is not None,
+                "first_blocks": self._first_block_ok}
+
+    def prepare(self, prompt: str, subject: str, target: str | None = None) -> TracePrompt:
+        hidden = self.adapter.module(self.model, "embedding").weight.shape[-1]
+        return prepare_prompt(self.tokenizer, prompt, subject, target, hidden_size=hidden,
+                              samples=self.samples, noise_std=float(self.noise_std),
+                              seed=self.seed)
+
+    def trace(self, prompt: str, subject: str, target: str | None = None, *,
+              kinds: str | Iterable[str] = KINDS, window: int | None = None
+              ) -> dict[str, TraceResult]:
+        """Trace ``fill(prompt, subject)`` for each of ``kinds``; ``{kind: TraceResult}``.
+
+        ``target`` is the answer whose probability is read (its first token); ``None`` uses
+        the model's own top-1 next token.
+        """
+        kinds = check_kinds(kinds)
+        window = _check_window(window, self.n_layers)
+        tp = self.prepare(prompt, subject, target)
+        with _eval_mode(self.model):
+            runs = self._runs(tp)
+            if self.verify and not self._verified:
+                self._check_partial_forward(tp, runs)
+            scores = self._restorations(tp, runs, kinds, window)
+        return {
+            k: TraceResult(
+                kind=k, scores=scores[k], p_clean=runs.p_clean, p_corrupt=runs.p_corrupt,
+                tokens=tp.tokens, subject_range=tp.subject_range,
+                window=1 if _SLOT_OF_KIND[k] == "block" else window, prompt=prompt,
+                subject=subject, answer=tp.answer, answer_id=tp.answer_id,
+                samples=self.samples, noise_std=float(self.noise_std),
+                correct_prediction=runs.top1 == tp.answer_id,
+            )
+            for k in kinds
+        }
+
+    # ------------------------------------------------------------- clean / corrupted
+    def _names(self, slot: str) -> list[str]:
+        return [self.adapter.module_name(slot, i) for i in range(self.n_layers)]
+
+    def _runs(self, tp: TracePrompt) -> _Runs:
+        model, device = self.model, _model_device(self.model)
+        ids = torch.tensor([tp.input_ids], device=device)
+        blocks, mlps, attns = self._names("block"), self._names("mlp"), self._names("attn")
+        emb = self.adapter.module_name("embedding")
+        with _BlockInputs(self.adapter.blocks(model)) as captured, \
+                Trace(model, blocks + mlps + attns, retain_output=True) as clean:
+            logits = model(input_ids=ids, use_cache=False).logits[:, -1]
+        top1 = int(logits[0].argmax())
+        if tp.answer_id is None:  # no target given: trace the model's own prediction
+            tp.answer_id, tp.answer = top1, self.tokenizer.decode([top1]).strip()
+        p_clean = float(answer_probs(logits, tp.answer_id)[0])
+
+        def add_noise(name: str, h: torch.Tensor) -> torch.Tensor:
+            return corrupt(h, tp.noise, tp.subject_range) if name == emb else h
+
+        use_cache = self._cache_arg is not None
+        with Trace(model, blocks, retain_input=True) as c_in, \
+                Trace(model, blocks[-1:], retain_output=True) as c_last, \
+                Trace(model, mlps + attns, retain_output=True) as c_out, \
+                Trace(model, [emb], edit_output=add_noise):
+            out = model(input_ids=ids.expand(self.samples, -1), use_cache=use_cache)
+        p_corrupt = float(answer_probs(out.logits[:, -1], tp.answer_id).mean())
+        kv = _cache_tensors(out, self.n_layers, tp.n_tokens) if use_cache else None
+        if use_cache and kv is None:
+            logger.info("could not read this model's key/value cache: no prefix reuse")
+            self._cache_arg = None
+        return _Runs(
+            p_clean=p_clean, p_corrupt=p_corrupt, top1=top1,
+            clean={"block": [clean.outputs[b][0] for b in blocks],
+                   "mlp": [clean.outputs[m][0] for m in mlps],
+                   "attn": [clean.outputs[a][0] for a in attns]},
+            corrupt_in=[c_in.inputs[b] for b in blocks] + [c_last.outputs[blocks[-1]]],
+            corrupt={"mlp": [c_out.outputs[m] for m in mlps],
+                     "attn": [c_out.outputs[a] for a in attns]},
+            calls=captured.result(), kv=kv,
+        )
+
+    def _calls(self, tp: TracePrompt, runs: _Runs, start: int, length: int
+               ) -> list[Call] | None:
+        """Block calls (masks, positions, ...) of a forward over tokens ``start:start+length``
+        that sees the corrupted run's keys/values of tokens ``< start`` through the model's
+        cache; captured once per span from a batch-1 forward with such a cache. ``None`` if
+        this model's cache cannot be driven that way (then whole prompts are traced)."""
+        if start == 0 and length == tp.n_tokens:
+            return runs.calls
+        if start > 0 and (runs.kv is None or self._cache_arg is None):
+            return None
+        key = (start, length)
+        if key not in runs.suffix_calls:
+            ids = torch.tensor([tp.input_ids[start:start + length]],
+                               device=_model_device(self.model))
+            kwargs: dict[str, Any] = {"use_cache": False}
+            if start > 0:
+                from transformers import DynamicCache
+
+                kwargs = {"use_cache": True, self._cache_arg: DynamicCache(ddp_cache_data=[
+                    (k[:1].narrow(-2, 0, start), v[:1].narrow(-2, 0, start))
+                    for k, v in runs.kv])}
+            try:
+                with _BlockInputs(self.adapter.blocks(self.model)) as captured:
+                    self.model(input_ids=ids, **kwargs)
+                runs.suffix_calls[key] = captured.result()
+            except Exception as exc:  # a family whose cache we cannot drive
+                logger.info("prefix reuse unavailable for this model (%s); tracing whole "
+                            "prompts", exc)
+                self._cache_arg = None
+                return None
+        return runs.suffix_calls[key]
+
+    def _suffix(self, tp: TracePrompt, runs: _Runs, token: int) -> tuple[int, list[Call]]:
+        """(offset, block calls) of the forward for restorations at ``token``: tokens
+        ``offset..T-1``, with ``offset = token`` when prefix reuse works, else 0."""
+        calls = self._calls(tp, runs, token, tp.n_tokens - token)
+        return (token, calls) if calls is not None else (0, runs.calls)
+
+    # ------------------------------------------------------------- restorations
+    def _plan(self, tp: TracePrompt, kinds: Sequence[str], window: int
+              ) -> tuple[dict[str, dict[tuple[int, int], _Restore]], list[_Restore]]:
+        """Every (kind, token, layer) cell → its restoration; unique restorations."""
+        L, (b, _) = self.n_layers, tp.subject_range
+        cells: dict[str, dict[tuple[int, int], _Restore]] = {}
+        unique: dict[_Restore, None] = {}
+        for kind in kinds:
+            slot, freeze = _SLOT_OF_KIND[kind], _FREEZE_OF_KIND.get(kind)
+            cells[kind] = {}
+            for t in range(b, tp.n_tokens):  # tokens before the subject: no effect
+                for layer in range(L):
+                    layers = (layer,) if slot == "block" else tuple(
+                        window_layers(layer, window, L))
+                    r = _Restore(slot, t, layers, freeze, layer if freeze else -1)
+                    cells[kind][(t, layer)] = r
+                    unique[r] = None
+        return cells, list(unique)
+
+    def _entry(self, r: _Restore, first_block: bool) -> int:
+        """First block run for ``r`` in the shared batch. With ``first_block``, the first block
+        of an MLP/attention window comes precomputed (see :meth:`_first_block`), so the
+        restoration joins one block later."""
+        if first_block and r.slot in ("mlp", "attn"):
+            return r.layers[0] + 1
+        return r.entry
+
+    def _first_block(self, runs: _Runs, slot: str, layer: int) -> torch.Tensor:
+        """Block ``layer``'s output in the corrupted run with ``slot``'s output restored at
+        *every* token at once, (n, T, d).
+
+        Its token t is the block output of the restoration "``slot`` at t from ``layer``":
+        within a block, MLP and attention outputs only feed their own token's residual stream
+        (the attention mixes tokens before its output, the MLP is per token), so restoring the
+        other tokens too does not change token t. One forward per (slot, layer) thus replaces
+        the first block of every such restoration (checked numerically on first use).
+        """
+        key = (slot, layer)
+        if key not in runs.first_block:
+            clean = runs.clean[slot][layer]
+
+            def restore(module, args, output):
+                h = hidden_of(output).clone()
+                h[:] = clean.to(h.dtype)
+                return with_hidden(output, h)
+
+            module = self.adapter.module(self.model, slot, layer)
+            handle = module.register_forward_hook(restore)
+            try:
+                h = runs.corrupt_in[layer]
+                samples = torch.arange(h.shape[0], device=h.device)
+                runs.first_block[key] = self._block(layer, h, runs.calls, runs, samples, 0)
+            finally:
+                handle.remove()
+        return runs.first_block[key]
+
+    def _batches(self, restorations: Iterable[_Restore], first_block: bool
+                 ) -> list[list[_Restore]]:
+        """Restorations grouped by token, sorted by entry block, chunked."""
+        by_token: dict[int, list[_Restore]] = {}
+        for r in restorations:
+            by_token.setdefault(r.token, []).append(r)
+        per_batch = max(1, self.batch_size // self.samples)
+        out = []
+        for _, group in sorted(by_token.items()):
+            group.sort(key=lambda r: self._entry(r, first_block))
+            out += [group[i:i + per_batch] for i in range(0, len(group), per_batch)]
+        return out
+
+    def _restorations(self, tp: TracePrompt, runs: _Runs, kinds: Sequence[str], window: int
+                      ) -> dict[str, np.ndarray]:
+        cells, unique = self._plan(tp, kinds, window)
+        value: dict[_Restore, float] = {}
+        first_block = self._first_block_ok
+        batches = self._batches(unique, first_block)
+        for batch in tqdm(batches, desc="restorations", disable=not self.progress, leave=False):
+            probs = self._run_batch(tp, runs, batch, first_block)
+            value.update(zip(batch, probs.tolist(), strict=True))
+        out = {}
+        for kind in kinds:
+            scores = np.full((tp.n_tokens, self.n_layers), runs.p_corrupt, dtype=np.float64)
+            for (t, layer), r in cells[kind].items():
+                scores[t, layer] = value[r]
+            out[kind] = scores
+        return out
+
+    def _run_batch(self, tp: TracePrompt, runs: _Runs, batch: Sequence[_Restore],
+                   first_block: bool = False) -> torch.Tensor:
+        """P(answer) of each restoration in ``batch`` (one token, sorted by entry block).
+
+        Rows are (restoration, noise sample). A restoration's rows join the batch at its entry
+        block with the corrupted run's input of that block (a hidden state restored at layer l
+        is block l's output, so it enters at block l + 1 with its token's clean state written
+        in; with ``first_block`` an MLP/attention window likewise enters after its first block,
+        see :meth:`_first_block`). Below its entry block nothing is computed for it. Only tokens ≥
+        ``offset`` are computed (see :meth:`_suffix`), and the last block's MLP only at the
+        last token (no other token of the last block reaches the logits).
+        """
+        n, L = self.samples, self.n_layers
+        token = batch[0].token
+        offset, calls = self._suffix(tp, runs, token)
+        pos = token - offset
+        device = runs.corrupt_in[0].device
+        sample = torch.arange(n, device=device).repeat(len(batch))
+        entries = [self._entry(r, first_block) for r in batch]
+        # per (slot, layer): rows whose module output is restored (at ``token``) or frozen
+        restore: dict[tuple[str, int], list[int]] = {}
+        freeze: dict[tuple[str, int], list[int]] = {}
+        for ri, (r, entry) in enumerate(zip(batch, entries, strict=True)):
+            rows = range(ri * n, (ri + 1) * n)
+            if r.slot in ("mlp", "attn"):
+                for layer in r.layers:
+                    if layer >= entry:
+                        restore.setdefault((r.slot, layer), []).extend(rows)
+            if r.freeze is not None:
+                for layer in range(r.freeze_above + 1, L):
+                    freeze.setdefault((r.freeze, layer), []).extend(rows)
+        restore_idx = {k: torch.tensor(v, device=device) for k, v in restore.items()}
+        freeze_idx = {k: torch.tensor(v, device=device) for k, v in freeze.items()}
+
+        def apply(slot: str, layer: int, h: torch.Tensor) -> torch.Tensor:
+            f, rst = freeze_idx.get((slot, layer)), restore_idx.get((slot, layer))
+            if f is None and rst is None:
+                return h
+            h = h.clone()
+            first = tp.n_tokens - h.shape[1]  # token of position 0 of ``h``
+            if f is not None:
+                h[f, token - first] = runs.corrupt[slot][layer][sample[f], token].to(h.dtype)
+            if rst is not None:
+                h[rst, token - first] = runs.clean[slot][layer][token].to(h.dtype)
+            return h
+
+        if first_block:  # computed before any of this batch's hooks is in place
+            for r in batch:
+                if r.slot in ("mlp", "attn"):
+                    self._first_block(runs, r.slot, r.layers[0])
+
+        def enter(layer: int, lo: int, hi: int) -> torch.Tensor:
+            """Rows ``lo:hi`` joining at block ``layer`` (``L``: after the last block)."""
+            fresh = runs.corrupt_in[layer][sample[lo:hi], offset:]
+            restored = [ri for ri in range(lo // n, hi // n) if batch[ri].slot == "block"
+                        or (first_block and batch[ri].slot in ("mlp", "attn"))]
+            if restored:
+                fresh = fresh.clone()
+            for ri in restored:
+                r, rows = batch[ri], slice(ri * n - lo, (ri + 1) * n - lo)
+                if r.slot == "block":  # the clean hidden state itself
+                    fresh[rows, pos] = runs.clean["block"][layer - 1][token].to(fresh.dtype)
+                else:  # the first block's output with the MLP/attention output restored
+                    fresh[rows, pos] = self._first_block(runs, r.slot, layer - 1)[
+                        :, token].to(fresh.dtype)
+            return fresh
+
+        last_mlp = self.adapter.module(self.model, "mlp", L - 1)
+        handles = []
+        h: torch.Tensor | None = None
+        active = 0
+        try:
+            for slot, layer in set(restore) | set(freeze) | {("mlp", L - 1)}:
+                module = self.adapter.module(self.model, slot, layer)
+                hook = _ModuleHook(apply, slot, layer, trim=module is last_mlp)
+                handles += hook.register(module)
+            for layer in range(entries[0], L + 1):
+                joined = n * bisect.bisect_right(entries, layer)
+                if joined > active:  # restorations entering here join the batch
+                    fresh = enter(layer, active, joined)
+                    h = fresh if h is None else torch.cat([h, fresh])
+                    active = joined
+                if layer == L:
+                    break
+                h = self._block(layer, h, calls, runs, sample[:active], offset)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self._head(h[:, -1:], tp.answer_id).view(len(batch), n).mean(dim=1)
+
+    def _block(self, layer: int, h: torch.Tensor, calls: list[Call], runs: _Runs,
+               samples: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Block ``layer`` on ``h`` (rows × tokens ``prefix..``), the first ``prefix`` tokens'
+        keys/values taken from the corrupted run (noise sample ``samples[row]``)."""
+        args, kwargs = _expand_batch(calls[layer], h.shape[0])
+        if prefix:
+            k, v = runs.kv[layer]
+            cache = _one_layer_cache(layer, k[samples].narrow(-2, 0, prefix),
+                                     v[samples].narrow(-2, 0, prefix))
+            args, kwargs = _swap_cache((args, kwargs), cache)
+        return hidden_of(self.adapter.blocks(self.model)[layer](h, *args[1:], **kwargs))
+
+    def _head(self, last_hidden: torch.Tensor, answer_id: int) -> torch.Tensor:
+        norm = self.adapter.module(self.model, "final_norm")
+        head = self.adapter.module(self.model, "lm_head")
+        logits = hidden_of(head(norm(last_hidden)))[:, -1]
+        return answer_probs(logits, answer_id)
+
+    def _check_partial_forward(self, tp: TracePrompt, runs: _Runs) -> None:
+        """Check the fast path's assumptions on this model once.
+
+        The corrupted prompt run block by block from block 0 (restoring nothing) must give the
+        full model's P*(o): for the whole prompt, and with prefix reuse for every suffix start;
+        and MLP/attention restorations must come out the same with and without the precomputed
+        first blocks. A shortcut that disagrees is switched off; if the whole-prompt replay
+        fails, the model's forward is not "blocks in order, final norm, unembedding" and the
+        fast path cannot be used.
+        """
+        def close(p: float, q: float) -> bool:
+            return abs(p - q) <= 1e-5 * max(1.0, abs(q)) + 1e-6
+
+        b = tp.subject_range[0]
+        for t in range(max(b, 1), tp.n_tokens):
+            if self._cache_arg is None:
+                break
+            try:
+                p = float(self._run_batch(tp, runs, [_Restore("none", t, (0,))])[0])
+            except Exception as exc:  # blocks that cannot take the prefix cache
+                logger.info("prefix reuse failed on this model (%s); tracing whole prompts",
+                            exc)
+                self._cache_arg = None
+                break
+            if not close(p, runs.p_corrupt):
+                logger.warning("prefix reuse does not reproduce this %s model (P=%.6g vs "
+                               "%.6g); tracing whole prompts instead", self.adapter.name, p,
+                               runs.p_corrupt)
+                self._cache_arg = None
+        p = float(self._run_batch(tp, runs, [_Restore("none", 0, (0,))])[0])
+        if not close(p, runs.p_corrupt):
+            raise UnsupportedModelError(
+                f"the block-by-block forward of this {self.adapter.name} model gives "
+                f"P={p:.6g} but the full forward gives P={runs.p_corrupt:.6g}; its forward "
+                "does more than run the blocks in order; use editkit.tracing.naive.trace_naive"
+            )
+        if self._first_block_ok:
+            for t in range(b, tp.n_tokens):
+                probe = [_Restore("mlp", t, (0,)), _Restore("attn", t, (0,))]
+                try:
+                    with_shortcut = self._run_batch(tp, runs, probe, first_block=True)
+                    ok = all(map(close, with_shortcut.tolist(),
+                                 self._run_batch(tp, runs, probe).tolist()))
+                except Exception as exc:  # unusual block structure
+                    logger.info("first-block shortcut failed on this model (%s)", exc)
+                    ok = False
+                if not ok:
+                    logger.info("precomputed first blocks do not reproduce this model; off")
+                    self._first_block_ok = False
+                    break
+        self._verified = True
+
+
+# --------------------------------------------------------------------------- conveniences
+def causal_trace(model: nn.Module, tokenizer, prompt: str, subject: str,
+                 target: str | None = None, *, kinds: str | Iterable[str] = KINDS,
+                 window: int | None = None, samples: int = DEFAULT_SAMPLES,
+                 noise: float = DEFAULT_NOISE, noise_std: float | None = None,
+                 texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
+                 adapter=None, progress: bool = False) -> dict[str, TraceResult]:
+    """Causal trace of one prompt (fast). See :class:`CausalTracer` for the arguments."""
+    tracer = CausalTracer(model, tokenizer, noise_std=noise_std, texts=texts, samples=samples,
+                          noise=noise, seed=seed, batch_size=batch_size, adapter=adapter,
+                          progress=progress)
+    return tracer.trace(prompt, subject, target, kinds=kinds, window=window)
+
+
+def as_trace_requests(records: Iterable[Any]) -> list[EditRequest]:
+    """CounterFact dicts, ``EditRequest`` dicts or ``EditRequest`` objects → requests."""
+    out = []
+    for i, rec in enumerate(records):
+        if isinstance(rec, EditRequest):
+            out.append(rec)
+        elif isinstance(rec, Mapping) and "requested_rewrite" in rec:
+            out.append(EditRequest.from_counterfact(rec))
+        elif isinstance(rec, Mapping):
+            out.append(EditRequest.from_dict(rec))
+        else:
+            raise InvalidRequestError(
+                f"records[{i}] is a {type(rec).__name__}; give CounterFact-format dicts or "
+                "EditRequest objects"
+            )
+    return out
+
+
+def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
+                  kinds: str | Iterable[str] = KINDS, window: int | None = None,
+                  n: int | None = None, samples: int = DEFAULT_SAMPLES,
+                  noise: float = DEFAULT_NOISE, noise_std: float | None = None,
+                  texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
+                  adapter=None, progress: bool = True) -> list[dict[str, TraceResult]]:
+    """Trace the rewrite prompt of each record; the answer is its ``target_true``.
+
+    σ defaults to :func:`embedding_std` over the records' subjects, as in the paper. Records
+    without ``target_true`` are traced on the model's own prediction.
+    """
+    requests = as_trace_requests(records)[:n] if n is not None else as_trace_requests(records)
+    if not requests:
+        raise InvalidRequestError("no records to trace; pass at least one record")
+    if noise_std is None and texts is None:
+        texts = [r.subject for r in requests]
+    tracer = CausalTracer(model, tokenizer, noise_std=noise_std, texts=texts, samples=samples,
+                          noise=noise, seed=seed, batch_size=batch_size, adapter=adapter)
+    return [
+        tracer.trace(r.prompt, r.subject, r.target_true, kinds=kinds, window=window)
+        for r in tqdm(requests, desc="causal trace", disable=not progress)
+    ]
+
+
+def aie_by_kind(traces: Sequence[Mapping[str, TraceResult]], *, only_correct: bool = False
+                ) -> dict[str, AIEResult]:
+    """:func:`average_indirect_effect` for every kind present in ``traces``."""
+    if not traces:
+        raise InvalidRequestError("no traces to average")
+    return {k: average_indirect_effect([t[k] for t in traces], only_correct=only_correct)
+            for k in traces[0]}

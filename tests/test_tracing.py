@@ -1,0 +1,382 @@
+"""Causal tracing: the fast tracer equals the straightforward oracle; AIE, layers, plots, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from conftest import snapshot, state_equal, tiny_config
+
+from editkit import get_adapter
+from editkit.errors import InvalidHyperParamsError, InvalidRequestError
+from editkit.tracing import (
+    ALL_KINDS,
+    GROUPS,
+    KINDS,
+    AIEResult,
+    CausalTracer,
+    SweepResult,
+    TraceResult,
+    average_indirect_effect,
+    causal_trace,
+    default_window,
+    embedding_std,
+    layer_from_aie,
+    layer_sweep,
+    make_noise,
+    mlp_aie,
+    plots,
+    subject_token_range,
+    suggest_layer,
+    token_groups,
+    trace_naive,
+    trace_records,
+    window_layers,
+)
+from editkit.tracing import cli as tracing_cli
+
+PROMPT, SUBJECT = "The city of {} is in", "Paris"
+TOL = 1e-4
+
+
+def sharp_model(family: str, tokenizer, n_layers: int = 4, seed: int = 0):
+    """A tiny random model with large weights: P(answer) moves a lot when states change,
+    so agreement to 1e-4 means something (default init gives P ≈ 1/vocab everywhere)."""
+    cfg = tiny_config(family, len(tokenizer), n_layers)
+    cfg.initializer_range = 0.3
+    torch.manual_seed(seed)
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2_sharp(bytelevel_tokenizer):
+    return sharp_model("gpt2", bytelevel_tokenizer, 4), bytelevel_tokenizer
+
+
+def fact_world_or_skip():
+    from editkit.testbed import load_fact_world
+
+    try:
+        return load_fact_world(train_if_missing=False)
+    except FileNotFoundError:
+        pytest.skip("the fact-world model is not built on this machine")
+
+
+def max_diff(a: dict[str, TraceResult], b: dict[str, TraceResult]) -> float:
+    return max(float(np.abs(a[k].scores - b[k].scores).max()) for k in a)
+
+
+KW = dict(kinds=ALL_KINDS, window=3, samples=3, noise_std=1.0, seed=1)
+
+
+# --------------------------------------------------------------------------- fast == naive
+def test_fast_equals_naive_on_every_family(family_model):
+    family, _, tok = family_model
+    model = sharp_model(family, tok)
+    before = snapshot(model)
+    tracer = CausalTracer(model, tok, noise_std=1.0, samples=3, seed=1)
+    fast = tracer.trace(PROMPT, SUBJECT, kinds=ALL_KINDS, window=3)
+    assert tracer.shortcuts == {"reuse_prefix": True, "first_blocks": True}  # all exercised
+    naive = trace_naive(model, tok, PROMPT, SUBJECT, **KW)
+    assert set(fast) == set(ALL_KINDS)
+    assert max_diff(fast, naive) < TOL
+    for k in ALL_KINDS:
+        assert fast[k].p_clean == pytest.approx(naive[k].p_clean, abs=TOL)
+        assert fast[k].p_corrupt == pytest.approx(naive[k].p_corrupt, abs=TOL)
+        assert fast[k].answer_id == naive[k].answer_id
+    # the comparison is not vacuous: restorations move P(answer) by far more than 1e-4
+    assert min(float(np.ptp(fast[k].scores)) for k in KINDS) > 1e-2
+    # tracing leaves the model as it was: weights, hooks, mode
+    assert state_equal(model, before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not model.training
+
+
+def test_fast_without_shortcuts_and_with_tiny_batches_is_the_same(gpt2_sharp):
+    model, tok = gpt2_sharp
+    ref = causal_trace(model, tok, PROMPT, SUBJECT, **KW)
+    plain = CausalTracer(model, tok, noise_std=1.0, samples=3, seed=1, reuse_prefix=False,
+                         first_blocks=False, batch_size=3)
+    assert max_diff(plain.trace(PROMPT, SUBJECT, kinds=ALL_KINDS, window=3), ref) < TOL
+
+
+def test_oracle_detects_a_wrong_window(gpt2_sharp):
+    """The equality test has teeth: a different window gives clearly different MLP scores."""
+    model, tok = gpt2_sharp
+    a = causal_trace(model, tok, PROMPT, SUBJECT, kinds="mlp", window=3, samples=3, noise_std=1.0)
+    b = trace_naive(model, tok, PROMPT, SUBJECT, kinds="mlp", window=2, samples=3,
+                    noise_std=1.0)
+    assert max_diff(a, b) > 1e-3
+
+
+def test_fast_equals_naive_on_the_fact_world():
+    model, tok = fact_world_or_skip()
+    from editkit.testbed import FactWorld
+
+    rec = FactWorld().records(2)[1]["requested_rewrite"]
+    args = (model, tok, rec["prompt"], rec["subject"], rec["target_true"]["str"])
+    kw = dict(kinds=KINDS, samples=3, seed=0, texts=[rec["subject"]])
+    fast, naive = causal_trace(*args, **kw), trace_naive(*args, **kw)
+    assert max_diff(fast, naive) < TOL
+    assert fast["hidden"].p_clean > fast["hidden"].p_corrupt  # the model knows the fact
+
+
+# --------------------------------------------------------------------------- identities
+def test_trace_identities(gpt2_sharp, bytelevel_tokenizer):
+    model, tok = gpt2_sharp
+    res = causal_trace(model, tok, "We know that {} is in", SUBJECT, samples=3, noise_std=1.0,
+                kinds=ALL_KINDS, window=3)
+    h = res["hidden"]
+    b, e = h.subject_range
+    assert b > 0
+    # tokens before the subject are not corrupted: restoring them changes nothing
+    for r in res.values():
+        assert np.allclose(r.scores[:b], r.p_corrupt, atol=TOL)
+    # restoring the last token's final hidden state restores the clean prediction
+    assert h.scores[-1, -1] == pytest.approx(h.p_clean, abs=TOL)
+    # at the top layer nothing is above to freeze: severed == plain hidden
+    for k in ("hidden_sever_mlp", "hidden_sever_attn"):
+        assert np.allclose(res[k].scores[:, -1], h.scores[:, -1], atol=TOL)
+    assert h.indirect_effects.shape == (len(h.tokens), 4)
+    assert np.allclose(h.indirect_effects, h.scores - h.p_corrupt)
+    # the subject tokens spell the subject
+    assert "".join(h.tokens[b:e]).strip() == SUBJECT
+
+
+def test_noise_is_seeded(gpt2_sharp):
+    model, tok = gpt2_sharp
+    a = causal_trace(model, tok, PROMPT, SUBJECT, kinds="hidden", samples=3, noise_std=1.0, seed=5)
+    b = causal_trace(model, tok, PROMPT, SUBJECT, kinds="hidden", samples=3, noise_std=1.0, seed=5)
+    c = causal_trace(model, tok, PROMPT, SUBJECT, kinds="hidden", samples=3, noise_std=1.0, seed=6)
+    assert np.array_equal(a["hidden"].scores, b["hidden"].scores)
+    assert a["hidden"].p_corrupt != c["hidden"].p_corrupt
+    n1, n2 = make_noise(4, 2, 8, 3.0, seed=7), make_noise(4, 2, 8, 3.0, seed=7)
+    assert torch.equal(n1, n2) and n1.shape == (4, 2, 8)
+    assert float(make_noise(50, 4, 64, 3.0, seed=0).std()) == pytest.approx(3.0, rel=0.05)
+
+
+def test_embedding_std_matches_direct_computation(gpt2_sharp):
+    model, tok = gpt2_sharp
+    texts = ["Paris is a city.", "LeBron James plays basketball."]
+    ids = [torch.tensor(tok(t)["input_ids"]) for t in texts]
+    emb = get_adapter(model).module(model, "embedding")
+    direct = torch.cat([emb(i) for i in ids]).detach().double().std()
+    assert embedding_std(model, tok, texts) == pytest.approx(float(direct), rel=1e-6)
+    with pytest.raises(InvalidRequestError):
+        embedding_std(model, tok, ["  "])
+
+
+def test_windows_follow_the_paper():
+    assert list(window_layers(0, 10, 48)) == list(range(0, 5))
+    assert list(window_layers(20, 10, 48)) == list(range(15, 25))
+    assert list(window_layers(47, 10, 48)) == list(range(42, 48))
+    assert list(window_layers(5, 3, 8)) == [4, 5, 6]
+    assert list(window_layers(2, 1, 8)) == [2]
+    assert default_window(48) == 10 and default_window(6) == 1 and default_window(200) == 10
+
+
+def test_subject_token_range(bytelevel_tokenizer, sentencepiece_tokenizer):
+    for tok in (bytelevel_tokenizer, sentencepiece_tokenizer):
+        prompt, subject = "The mother tongue of {} is", "Danielle Darrieux"
+        b, e = subject_token_range(tok, prompt, subject)
+        ids = tok(prompt.replace("{}", subject))["input_ids"]
+        assert 0 < b < e < len(ids)
+        assert tok.decode(ids[b:e]).strip() == subject
+
+
+def test_bad_arguments_raise_typed_errors(gpt2_sharp):
+    model, tok = gpt2_sharp
+    with pytest.raises(InvalidHyperParamsError, match="kind"):
+        causal_trace(model, tok, PROMPT, SUBJECT, kinds="neurons", noise_std=1.0)
+    with pytest.raises(InvalidHyperParamsError, match="window"):
+        causal_trace(model, tok, PROMPT, SUBJECT, window=0, noise_std=1.0)
+    with pytest.raises(InvalidRequestError, match="placeholder|'\\{\\}'"):
+        causal_trace(model, tok, "Paris is in", SUBJECT, noise_std=1.0)
+    with pytest.raises(InvalidHyperParamsError, match="samples"):
+        causal_trace(model, tok, PROMPT, SUBJECT, samples=0, noise_std=1.0)
+
+
+def test_trace_result_json_round_trip(gpt2_sharp, tmp_path):
+    model, tok = gpt2_sharp
+    res = causal_trace(model, tok, PROMPT, SUBJECT, kinds="mlp", samples=2, noise_std=1.0)["mlp"]
+    path = res.save(tmp_path / "r.json")
+    back = TraceResult.from_dict(json.loads(path.read_text()))
+    assert np.array_equal(back.scores, res.scores)
+    assert (back.kind, back.window, back.subject_range, back.tokens) == \
+        (res.kind, res.window, res.subject_range, res.tokens)
+
+
+# --------------------------------------------------------------------------- AIE
+def fake_result(kind: str, ie_by_token: list[float], subject_range, n_layers: int = 3,
+                p_corrupt: float = 0.1) -> TraceResult:
+    scores = np.array([[p_corrupt + v * (layer + 1) for layer in range(n_layers)]
+                       for v in ie_by_token])
+    return TraceResult(kind=kind, scores=scores, p_clean=0.9, p_corrupt=p_corrupt,
+                       tokens=[f"t{i}" for i in range(len(ie_by_token))],
+                       subject_range=subject_range, window=1)
+
+
+def test_token_groups_follow_the_paper():
+    g = token_groups(8, (1, 5))
+    assert g == {"first subject token": [1], "middle subject tokens": [2, 3],
+                 "last subject token": [4], "first subsequent token": [5],
+                 "further tokens": [6], "last token": [7]}
+    g = token_groups(3, (0, 1))  # one-token subject, directly followed by the last token
+    assert g["first subject token"] == g["last subject token"] == [0]
+    assert g["middle subject tokens"] == [] and g["further tokens"] == []
+
+
+def test_aie_groups_means_and_standard_errors():
+    a = fake_result("hidden", [0.0, 0.1, 0.2, 0.4, 0.3, 0.0, 0.05], (1, 4))
+    b = fake_result("hidden", [0.2, 0.3, 0.5, 0.0, 0.1], (0, 2))
+    aie = average_indirect_effect([a, b])
+    assert isinstance(aie, AIEResult) and aie.groups == list(GROUPS) and aie.n_facts == 2
+    gi = GROUPS.index
+    # first subject token: a -> 0.1, b -> 0.2 (times layer+1)
+    assert np.allclose(aie.mean[gi("first subject token")], 0.15 * np.arange(1, 4))
+    # middle tokens: a has one (0.2); b has none -> one fact
+    assert aie.counts[gi("middle subject tokens")] == 1
+    assert np.allclose(aie.mean[gi("middle subject tokens")], 0.2 * np.arange(1, 4))
+    # last subject token: a -> 0.4, b -> 0.3; stderr = std(ddof=1)/sqrt(2)
+    se = np.std([0.4, 0.3], ddof=1) / math.sqrt(2)
+    assert np.allclose(aie.mean[gi("last subject token")], 0.35 * np.arange(1, 4))
+    assert np.allclose(aie.stderr[gi("last subject token")], se * np.arange(1, 4))
+    # further tokens averaged within a fact first: a -> mean(0.0) at token 5; b -> token 3
+    assert np.allclose(aie.mean[gi("further tokens")], np.mean([0.0, 0.0]) * np.arange(1, 4))
+    assert aie.total_effect == pytest.approx(0.8)
+    assert AIEResult.from_dict(json.loads(json.dumps(aie.to_dict()))).mean.tolist() == \
+        aie.mean.tolist()
+    with pytest.raises(InvalidRequestError):
+        average_indirect_effect([a, fake_result("mlp", [0.1, 0.2, 0.3], (0, 1))])
+    assert layer_from_aie(aie).layer == 2
+
+
+# --------------------------------------------------------------------------- layers
+def counterfact(subject: str, prompt: str, new: str, true: str, case_id: int) -> dict:
+    return {"case_id": case_id,
+            "requested_rewrite": {"prompt": prompt, "subject": subject,
+                                  "target_new": {"str": new}, "target_true": {"str": true}},
+            "paraphrase_prompts": [f"In short, {prompt.replace('{}', subject)}"],
+            "neighborhood_prompts": ["The Eiffel Tower is located in the city of"]}
+
+
+RECORDS = [counterfact("Paris", "The city of {} is in", "Spain", "France", 0),
+           counterfact("LeBron James", "{} plays the sport of", "football", "basketball", 1)]
+
+
+def test_suggest_layer_is_the_argmax_of_the_mlp_curve(gpt2_sharp):
+    model, tok = gpt2_sharp
+    layer, curve = suggest_layer(model, tok, RECORDS, samples=2, window=1, progress=False)
+    assert curve.shape == (4,) and layer == int(np.argmax(curve))
+    aie = mlp_aie(model, tok, RECORDS, samples=2, window=1, progress=False)
+    assert np.allclose(aie.curve("last subject token"), curve)
+    traces = trace_records(model, tok, RECORDS, kinds="mlp", window=1, samples=2,
+                           progress=False)
+    assert np.allclose(average_indirect_effect([t["mlp"] for t in traces]).curve(), curve)
+
+
+def test_layer_sweep_with_ft(gpt2_sharp):
+    from editkit.methods.ft import FT, FTHyperParams
+
+    model, tok = gpt2_sharp
+    before = snapshot(model)
+    hp = FTHyperParams(layer=0, lr=0.05, num_steps=4)
+    sweep = layer_sweep("ft", model, tok, RECORDS, [0, 2], hparams=hp, samples=2, window=1,
+                        progress=False)
+    assert sweep.layers == [0, 2] and sweep.method == FT.name and sweep.n_records == 2
+    for values in (sweep.efficacy, sweep.paraphrase, sweep.specificity, sweep.score):
+        assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
+    assert sweep.best_layer in (0, 2) and sweep.traced_layer in range(4)
+    assert len(sweep.trace_curve) == 2
+    assert sweep.correlation is None or -1.0 <= sweep.correlation <= 1.0
+    assert state_equal(model, before)  # every edit was reverted
+    d = json.loads(json.dumps(sweep.to_dict()))
+    assert d["best_layer"] == sweep.best_layer
+    assert SweepResult.from_dict(d).best_layer == sweep.best_layer
+    # a method whose hparams have no single layer cannot be swept
+    @dataclasses.dataclass
+    class Multi:
+        layers: tuple = (0, 1)
+    with pytest.raises(InvalidHyperParamsError):
+        layer_sweep(FT, model, tok, RECORDS, [0], hparams=Multi(), trace=False,
+                    progress=False)
+
+
+# --------------------------------------------------------------------------- plots
+def test_plots_write_png_and_svg(gpt2_sharp, tmp_path):
+    model, tok = gpt2_sharp
+    res = causal_trace(model, tok, PROMPT, SUBJECT, kinds=ALL_KINDS, samples=2, noise_std=1.0,
+                window=1)
+    files = plots.save_figure(plots.plot_traces(res), tmp_path / "all.png")
+    files += plots.save_figure(plots.plot_trace(res["mlp"]), tmp_path / "mlp")
+    aies = {k: average_indirect_effect([res[k]]) for k in res}
+    plots.plot_aie({k: aies[k] for k in KINDS}, tmp_path / "aie")
+    plots.plot_aie_heatmaps({k: aies[k] for k in KINDS}, tmp_path / "aie_heat")
+    plots.plot_severed(aies, path=tmp_path / "severed")
+    for stem in ("all", "mlp", "aie", "aie_heat", "severed"):
+        png, svg = tmp_path / f"{stem}.png", tmp_path / f"{stem}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert b"<svg" in svg.read_bytes()[:2000]
+    assert len(files) == 4
+
+
+# --------------------------------------------------------------------------- CLI
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    tracing_cli.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_trace_prompt_data_and_suggest_layer(gpt2_sharp, tmp_path, capsys):
+    model, tok = gpt2_sharp
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "one"
+    args = parse(["trace", "--model", str(model_dir), "--prompt", PROMPT, "--subject", SUBJECT,
+                  "--target", "France", "--samples", "2", "--out", str(out), "--no-progress"])
+    assert tracing_cli.run(args) == 0
+    data = json.loads((out / "trace.json").read_text())
+    assert set(data) == set(KINDS) and data["mlp"]["answer"] == "France"
+    assert (out / "trace.png").exists() and (out / "trace_attn.svg").exists()
+
+    data_file = tmp_path / "cf.json"
+    data_file.write_text(json.dumps(RECORDS))
+    out = tmp_path / "many"
+    args = parse(["trace", "--model", str(model_dir), "--data", str(data_file), "--aie",
+                  "--sever", "--samples", "2", "--out", str(out), "--no-progress"])
+    assert tracing_cli.run(args) == 0
+    aie = json.loads((out / "aie.json").read_text())
+    assert set(aie) == set(ALL_KINDS) and aie["hidden"]["n_facts"] == 2
+    for stem in ("aie", "aie_heatmap", "aie_severed", "record_0"):
+        assert (out / f"{stem}.png").exists() and (out / f"{stem}.svg").exists()
+
+    args = parse(["suggest-layer", "--model", str(model_dir), "--data", str(data_file),
+                  "--samples", "2", "--out", str(tmp_path / "s"), "--no-progress"])
+    assert tracing_cli.run(args) == 0
+    got = json.loads((tmp_path / "s" / "suggest_layer.json").read_text())
+    assert got["layer"] == int(np.argmax(got["curve"]))
+    assert f"suggested layer: {got['layer']}" in capsys.readouterr().out
+
+
+def test_a_forward_that_is_not_just_the_blocks_is_refused(bytelevel_tokenizer):
+    """The fast path replays blocks itself; a model whose forward does more is detected."""
+    from editkit.errors import UnsupportedModelError
+
+    model = sharp_model("gpt2", bytelevel_tokenizer, 3)
+    plain_forward = model.forward
+
+    def forward(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        out.logits = out.logits * 2.0  # e.g. a logit scale the block-by-block path misses
+        return out
+
+    model.forward = forward
+    with pytest.raises(UnsupportedModelError, match="trace_naive"):
+        causal_trace(model, bytelevel_tokenizer, PROMPT, SUBJECT, samples=2, noise_std=1.0)
