@@ -71,3 +71,11 @@ class UnknownMetricError(EditkitError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class HypernetworkMissingError(EditkitError, ValueError):
+    """A learned editor (MEND, KE) has no trained hypernetwork to edit with."""
+
+
+class HypernetworkMismatchError(EditkitError, ValueError):
+    """A saved hypernetwork was trained for another base model or another configuration."""

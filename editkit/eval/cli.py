@@ -1,0 +1,207 @@
+"""``editkit eval`` and ``editkit compare``: thin command-line wrappers over the Python API.
+
+    editkit eval --model factworld --method ft_l --data factworld --n 100 \\
+        --protocol sequential --out results/ft_l_seq
+    editkit compare results/ft_seq results/ft_l_seq --out comparison.md
+
+``eval`` writes ``results.json``, ``report.md`` and, for sequential runs, ``retention.png``
+into ``--out``. ``--model`` is ``factworld`` (the offline fact-world GPT-2) or a
+``save_pretrained`` directory with its tokenizer; ``--data`` is ``factworld``, a local
+CounterFact / zsRE ``.json`` / ``.jsonl`` file, or ``hub:<name>[:<split>]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from editkit.errors import EditkitError, InvalidHyperParamsError
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``eval`` and ``compare`` subcommands."""
+    p = subparsers.add_parser(
+        "eval", help="edit and score a model on CounterFact / zsRE records",
+        description="Apply a registered editing method to dataset records under a protocol "
+                    "and write results.json, report.md (and retention.png for sequential runs).",
+    )
+    p.add_argument("--model", required=True,
+                   help="'factworld' or a save_pretrained directory containing the tokenizer")
+    p.add_argument("--method", required=True, help="registered method name (ft, ft_l, rome, ...)")
+    p.add_argument("--data", required=True,
+                   help="'factworld', a CounterFact/zsRE .json or .jsonl file, or hub:<name>")
+    p.add_argument("--format", default="auto", choices=("auto", "counterfact", "zsre"),
+                   help="record format (default: detected from the first record)")
+    p.add_argument("--split", default=None, help="hub split (default train)")
+    p.add_argument("--zsre-target", default="alt", choices=("alt", "answer"),
+                   help="zsRE edit target: alt (MEND) or answers[0] (ROME's release)")
+    p.add_argument("--n", type=int, default=None, help="number of records (default: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the fact world's record sample, sampling and bootstrap")
+    p.add_argument("--protocol", default="independent",
+                   choices=("independent", "sequential", "batch"))
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="records per apply() in the batch protocol (default: all)")
+    p.add_argument("--checkpoints", default=None,
+                   help="comma-separated edit counts to score at (sequential; default "
+                        "1,2,5,10,20,50,...)")
+    p.add_argument("--hparams", default=None,
+                   help="JSON file or inline JSON object of the method's hyperparameters")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated metric names (default: all of the dataset kind)")
+    p.add_argument("--max-new-tokens", type=int, default=50,
+                   help="generated tokens per generation prompt for GE/RS")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample generations from the top k tokens (default greedy)")
+    p.add_argument("--idf", default=None, help="JSON {word: idf} table for RS")
+    p.add_argument("--references", default=None, help="JSON {key: [texts]} for RS")
+    p.add_argument("--max-rows", type=int, default=128, help="scoring rows per forward pass")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--skip-errors", action="store_true",
+                   help="record failed edits in the report instead of stopping")
+    p.add_argument("--no-raw", action="store_true",
+                   help="leave raw log-probs, predictions and generated texts out of "
+                        "results.json (per-record metric values are kept)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--label", default=None,
+                   help="row label of the method in tables (default: the method name)")
+    p.add_argument("--out", default="results", help="output directory (default ./results)")
+    p.set_defaults(eval_command="eval")
+
+    c = subparsers.add_parser(
+        "compare", help="put several `editkit eval` results side by side",
+        description="One markdown table with the unedited and edited rows of several runs.",
+    )
+    c.add_argument("results", nargs="+", help="results.json files or --out directories")
+    c.add_argument("--out", default=None, help="write the table to this markdown file")
+    c.add_argument("--title", default=None, help="heading of the table")
+    c.set_defaults(eval_command="compare")
+
+
+def _load_model(spec: str, device: str):
+    if spec == "factworld":
+        from editkit.testbed import load_fact_world
+
+        return load_fact_world(device=device)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise EditkitError(
+            f"--model {spec!r} is not a directory; give 'factworld' or a directory written "
+            "by model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    except Exception as exc:
+        raise EditkitError(
+            f"cannot load a causal LM and tokenizer from {str(path)!r} ({type(exc).__name__}: "
+            f"{exc}); save both there with save_pretrained"
+        ) from exc
+    return model.to(device).eval(), tokenizer
+
+
+def _hparams(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    source = text if text.lstrip().startswith("{") else None
+    try:
+        data = json.loads(source if source is not None else Path(text).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidHyperParamsError(
+            f"--hparams {text!r} is neither a JSON object nor a readable JSON file ({exc})"
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidHyperParamsError(f"--hparams must be a JSON object, got {data!r}")
+    data.pop("editkit_version", None)
+    return data
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from editkit.eval.datasets import load_dataset
+    from editkit.eval.generation import GenerationConfig
+    from editkit.eval.metrics import ReferenceTable
+    from editkit.eval.plots import plot_retention
+    from editkit.eval.report import PLOT_FILE, REPORT_FILE, RESULTS_FILE
+    from editkit.eval.runner import evaluate
+
+    if (args.idf is None) != (args.references is None):
+        raise EditkitError("RS needs both --idf and --references (or neither)")
+    references = ReferenceTable.from_files(args.idf, args.references) if args.idf else None
+    checkpoints = None
+    if args.checkpoints:
+        try:
+            checkpoints = [int(x) for x in args.checkpoints.split(",") if x.strip()]
+        except ValueError:
+            raise EditkitError(f"--checkpoints {args.checkpoints!r}: give integers like 1,10,100") \
+                from None
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    records = load_dataset(args.data, args.format, args.n, split=args.split, seed=args.seed,
+                           zsre_target=args.zsre_target)
+    model, tokenizer = _load_model(args.model, args.device)
+    label = Path(args.data).name if Path(args.data).exists() else args.data
+    report = evaluate(
+        args.method, model, tokenizer, records, protocol=args.protocol, metrics=metrics,
+        batch_size=args.batch_size, checkpoints=checkpoints, hparams=_hparams(args.hparams),
+        references=references,
+        generation=GenerationConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                                    seed=args.seed),
+        max_rows=args.max_rows, dataset_name=label,
+        model_name="factworld" if args.model == "factworld" else None,
+        skip_errors=args.skip_errors, progress=not args.no_progress, seed=args.seed,
+        label=args.label, keep_raw=not args.no_raw,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.to_json(out / RESULTS_FILE)
+    plot = None
+    if report.curve:
+        plot_retention(report, out / PLOT_FILE)
+        plot = PLOT_FILE
+    markdown = report.to_markdown(plot=plot)
+    (out / REPORT_FILE).write_text(markdown, encoding="utf-8")
+    print(markdown.split("\n## ")[0].rstrip())
+    print(f"\nwrote {out / RESULTS_FILE}, {out / REPORT_FILE}"
+          + (f", {out / PLOT_FILE}" if plot else ""))
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from editkit.eval.report import compare
+
+    table = compare(args.results, title=args.title)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table, encoding="utf-8")
+    print(table, end="")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``editkit eval`` or ``editkit compare``; 0 on success, 2 on a typed error."""
+    command = getattr(args, "eval_command", "eval")
+    try:
+        return _run_compare(args) if command == "compare" else _run_eval(args)
+    except EditkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m editkit.eval.cli eval ...``) until the main CLI wires
+    these subcommands."""
+    parser = argparse.ArgumentParser(prog="editkit")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

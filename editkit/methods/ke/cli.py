@@ -1,0 +1,20 @@
+"""``editkit train-ke``: train a KE hypernetwork (see :mod:`editkit.methods._learned.cli`).
+
+    editkit train-ke --model factworld --data factworld --out runs/ke --max-minutes 15
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from editkit.methods._learned.cli import add_train_parser, run_train
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``train-ke`` subcommand."""
+    add_train_parser(subparsers, "ke")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_train(args)

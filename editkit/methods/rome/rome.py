@@ -1,0 +1,213 @@
+"""Step 3 of ROME and the editor: insert (k, v*) with a rank-one update (paper §3.1, eq. 2).
+
+    minimise ‖Ŵ K − V‖  subject to  Ŵ k = v*   ⇒   Ŵ = W + Λ (C⁻¹ k)ᵀ,
+    Λ = (v* − W k) / ((C⁻¹ k)ᵀ k),   C = K Kᵀ (the keys' second moment, ``editkit.stats``).
+
+With ``u = C⁻¹ k*`` the update is ``Δ = (v* − W k) uᵀ / (uᵀ k)``: rank one, ``Ŵ k = v*``
+exactly, and every key with ``kᵀ C⁻¹ k* = 0`` is mapped as before. The reference inserts the
+bare prompt's key ``k`` while ``u`` uses the template average ``k*``; ``key_consistent=True``
+(r-ROME, Gupta et al. 2024) inserts ``k*`` in both places.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from editkit.editor import Editor
+from editkit.errors import EditFailedError, InvalidRequestError, StatsError
+from editkit.methods.rome.compute_k import KeyResult, compute_key
+from editkit.methods.rome.compute_v import ValueResult, compute_value
+from editkit.methods.rome.hparams import ROMEHyperParams
+from editkit.methods.rome.templates import check_templates, generate_context_templates
+from editkit.patch import Patch
+from editkit.requests import EditRequest, as_request_list
+
+logger = logging.getLogger(__name__)
+
+
+class KeySolver:
+    """``u = (λC)⁻¹ k`` by an LU factorisation of ``λC`` computed once (float64, no inverse)."""
+
+    def __init__(self, cov: torch.Tensor, weight: float = 1.0) -> None:
+        c = cov.detach().to(device="cpu", dtype=torch.float64) * float(weight)
+        if c.dim() != 2 or c.shape[0] != c.shape[1]:
+            raise StatsError(f"the key covariance must be square, got shape {tuple(c.shape)}")
+        self.dim = c.shape[0]
+        self.lu, self.pivots = torch.linalg.lu_factor(c)
+
+    def solve(self, k: torch.Tensor) -> torch.Tensor:
+        k64 = k.detach().to(device="cpu", dtype=torch.float64)
+        return torch.linalg.lu_solve(self.lu, self.pivots, k64[:, None])[:, 0]
+
+
+def left_vector(cov: torch.Tensor | KeySolver | None, k_star: torch.Tensor,
+                weight: float = 1.0) -> torch.Tensor:
+    """``u = (λC)⁻¹ k*`` in float64 (``torch.linalg.solve``); ``u = k*`` without C."""
+    if cov is None:
+        return k_star.detach().to(device="cpu", dtype=torch.float64)
+    if isinstance(cov, KeySolver):
+        return cov.solve(k_star)
+    c = cov.detach().to(device="cpu", dtype=torch.float64) * float(weight)
+    return torch.linalg.solve(c, k_star.detach().to(device="cpu", dtype=torch.float64))
+
+
+def rank_one_update(weight_kv: torch.Tensor, u: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(left, right)`` of ``Δ = (value − W key) uᵀ / (uᵀ key)`` (float64, CPU).
+
+    ``weight_kv`` is W in keys→values orientation (``v = W k``, see ``ModelAdapter.kv_view``);
+    ``value`` is the target of ``W key`` (any bias of the layer already subtracted). Then
+    ``(W + left rightᵀ) key = value``.
+    """
+    w = weight_kv.detach().to(device="cpu", dtype=torch.float64)
+    k = key.detach().to(device="cpu", dtype=torch.float64)
+    v = value.detach().to(device="cpu", dtype=torch.float64)
+    u = u.detach().to(device="cpu", dtype=torch.float64)
+    denom = torch.dot(u, k)
+    if not torch.isfinite(denom) or denom.abs() < 1e-12 * u.norm() * k.norm():
+        raise EditFailedError(
+            f"uᵀk = {float(denom):.3g} is (nearly) zero, so the key cannot be inserted; the key "
+            "statistics may be degenerate: raise mom2_n_samples or use another mom2_dataset"
+        )
+    return (v - w @ k) / denom, u
+
+
+@dataclass
+class ROMEStep:
+    """What one ROME edit computed (for inspection and tests)."""
+
+    request: EditRequest
+    keys: KeyResult
+    value: ValueResult
+    key_inserted: torch.Tensor
+    u: torch.Tensor
+    timings: dict[str, float]
+
+
+class ROME(Editor):
+    """Rank-One Model Editing (Meng et al. 2022).
+
+    Extra keyword arguments:
+        context_templates: Prefix templates (each with one ``{}``) instead of sampling them
+            from the model; ``"{}"`` (the bare prompt) is always included first.
+        covariance: A precomputed ``C = E[k kᵀ]`` for ``hparams.layer`` (skips ``stats``).
+        stats_texts: Text source for C instead of ``hparams.mom2_dataset`` (a list of
+            strings, a path or a ``datasets.Dataset``; see ``editkit.stats``).
+        cache_dir: Root of the statistics / template caches (default ``$EDITKIT_CACHE``).
+
+    After each edit ``last_step`` holds k*, v*, u and per-phase timings.
+    """
+
+    name = "rome"
+    hparams_class = ROMEHyperParams
+    sequential = True
+
+    def __init__(self, model: nn.Module, tokenizer=None, hparams: ROMEHyperParams | None = None,
+                 adapter=None, *, context_templates: Sequence[str] | None = None,
+                 covariance: torch.Tensor | None = None, stats_texts: Any = None,
+                 cache_dir: str | None = None) -> None:
+        super().__init__(model, tokenizer, hparams, adapter)
+        self.context_templates = (check_templates(context_templates)
+                                  if context_templates is not None else None)
+        self._covariance = covariance
+        self._stats_texts = stats_texts
+        self._cache_dir = cache_dir
+        self._solver: KeySolver | None = None
+        self._skip_lower_layers = True  # False: the naive v* loop (benchmarks only)
+        self.prepare_timings: dict[str, float] = {}
+        self.last_step: ROMEStep | None = None
+
+    def edited_parameters(self) -> list[str]:
+        return [self.adapter.weight_name("mlp_out", self.hparams.layer)]
+
+    # ---------------------------------------------------------------- prepare
+    def _prepare(self) -> None:
+        hp = self.hparams
+        t0 = time.perf_counter()
+        if self.context_templates is None:
+            from pathlib import Path
+
+            cache = Path(self._cache_dir) / "context_templates" if self._cache_dir else None
+            self.context_templates = generate_context_templates(
+                self.model, self.tokenizer, hp.context_template_length_params,
+                seed=hp.context_template_seed, cache_dir=cache)
+            logger.info("ROME context templates: %s", self.context_templates)
+        t1 = time.perf_counter()
+        if hp.mom2_adjustment:
+            cov = self._covariance
+            if cov is None:
+                from pathlib import Path
+
+                from editkit.stats import second_moment
+
+                source = self._stats_texts if self._stats_texts is not None else hp.mom2_dataset
+                cov = second_moment(
+                    self.model, [hp.layer], source, tokenizer=self.tokenizer,
+                    n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length,
+                    dtype=hp.mom2_dtype, adapter=self.adapter,
+                    cache_dir=Path(self._cache_dir) / "stats" if self._cache_dir else None,
+                )[hp.layer]
+            d_in = self.adapter.kv_view(self._weight()).shape[1]
+            if tuple(cov.shape) != (d_in, d_in):
+                raise StatsError(
+                    f"covariance has shape {tuple(cov.shape)} but layer {hp.layer}'s keys have "
+                    f"{d_in} dimensions; pass the statistics of that layer"
+                )
+            self._solver = KeySolver(cov.to(getattr(torch, hp.mom2_dtype)), hp.mom2_update_weight)
+        self.prepare_timings = {"templates": t1 - t0, "stats": time.perf_counter() - t1}
+
+    def _weight(self) -> torch.Tensor:
+        return dict(self.model.named_parameters())[self.edited_parameters()[0]]
+
+    # ---------------------------------------------------------------- update
+    def compute_update(self, requests: EditRequest | Sequence[EditRequest]) -> Patch:
+        """The rank-one patch of one request (ROME edits one fact per update)."""
+        items = as_request_list(requests)
+        if len(items) != 1:
+            raise InvalidRequestError(
+                f"ROME computes one rank-one update per request, got {len(items)} requests in "
+                "one compute_update call; use apply([...]) to edit them one after another"
+            )
+        (request,) = items
+        self.prepare()
+        hp = self.hparams
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        keys = compute_key(self.model, self.tokenizer, self.adapter, hp.layer, request,
+                           self.context_templates, hp.fact_token)
+        timings["k_star"] = time.perf_counter() - t
+        t = time.perf_counter()
+        value = compute_value(self.model, self.tokenizer, self.adapter, hp, request,
+                              self.context_templates,
+                              skip_lower_layers=self._skip_lower_layers)
+        timings["v_star"] = time.perf_counter() - t
+        t = time.perf_counter()
+        key_in = keys.k_star if hp.key_consistent else keys.k_plain
+        u = left_vector(self._solver, keys.k_star)
+        module = self.adapter.module(self.model, "mlp_out", hp.layer)
+        weight = self._weight()
+        with torch.no_grad():
+            zero = torch.zeros(1, u.shape[0], dtype=weight.dtype, device=weight.device)
+            bias = module(zero)[0].double().cpu()  # the layer's output at k = 0
+        left, right = rank_one_update(self.adapter.kv_view(weight), u, key_in,
+                                      value.v_star.double().cpu() - bias)
+        delta = self.adapter.lowrank_delta(left.float(), right.float())
+        timings["update"] = time.perf_counter() - t
+        self.last_step = ROMEStep(request, keys, value, key_in.detach(), u, timings)
+        logger.info("ROME %r → %r: nll %.3f → %.3f in %d steps, ‖δ‖/‖v₀‖ = %.3f",
+                    request.text, request.target_new, value.nll[0], value.nll[-1], value.steps,
+                    float(value.delta.norm() / value.v0.norm()))
+        return self._new_patch(
+            {self.edited_parameters()[0]: delta}, [request],
+            rome={"layer": hp.layer, "nll_start": value.nll[0], "nll_end": value.nll[-1],
+                  "steps": value.steps,
+                  "delta_rel_norm": float(value.delta.norm() / value.v0.norm()),
+                  "key_consistent": hp.key_consistent, "timings": timings},
+        )

@@ -1,0 +1,541 @@
+"""Second-moment statistics of MLP keys, computed once per model and cached on disk.
+
+ROME's closed-form update (Meng et al. 2022, eq. 2) and MEMIT's (Meng et al. 2023, eq. 11)
+need the uncentred second moment
+
+    C = E[k kᵀ]   over every (non-padding) token position of generic text,
+
+where ``k`` is the input of the edited matrix (the adapter's ``mlp_out`` slot: the MLP hidden
+activation after the nonlinearity). :func:`second_moment` computes ``C`` for several layers in
+**one** forward pass per batch, ending each forward right after the deepest needed layer, and
+accumulates ``Σ k kᵀ`` and the token count in float64.
+
+Text sources (``texts=``):
+
+- an iterable of strings (the first ``n_samples`` are used);
+- a local ``.txt`` file (documents separated by blank lines) or ``.jsonl`` file (one JSON
+  object per line with a ``"text"`` field, or a JSON string per line);
+- a ``datasets.Dataset`` (its ``"text"`` column);
+- a named source: ``"wikitext"`` (``wikitext-103-raw-v1`` from the Hugging Face hub, needs
+  ``datasets`` and a network or a warm ``datasets`` cache; the default), ``"pydoc"`` (the
+  Python documentation shipped with CPython in ``pydoc_data``, always available offline) or
+  ``"fact_world"`` (the corpus of :mod:`editkit.testbed`).
+
+Results are cached as safetensors (tensor + JSON header with a checksum) under
+``$EDITKIT_CACHE/stats`` (default ``~/.cache/editkit/stats``), keyed by a hash of (model
+weights fingerprint, layer, text-source identity, tokenizer, ``n_samples``, ``max_length``,
+``dtype``). Writes are atomic; a truncated or corrupted cache file is detected and recomputed;
+partial sums are checkpointed every ``checkpoint_every`` batches so an interrupted run resumes
+where it stopped. With an initialised ``torch.distributed`` process group every rank reads
+every ``world_size``-th text and the sums are all-reduced (``torchrun --nproc_per_node k``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from editkit.errors import StatsError
+from editkit.nethooks import Trace
+from editkit.registry import get_adapter
+from editkit.tokens import pad_id, right_pad
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "NAMED_SOURCES",
+    "TextSource",
+    "default_cache_dir",
+    "model_fingerprint",
+    "second_moment",
+    "text_source",
+    "tokenizer_fingerprint",
+    "weights_fingerprint",
+]
+
+#: Bumped when the cache file layout or the meaning of a cached value changes.
+CACHE_FORMAT = 1
+#: Named text sources accepted as ``texts=``.
+NAMED_SOURCES = ("wikitext", "pydoc", "fact_world")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+_HASH_SAMPLE = 1 << 16  # elements hashed per non-key parameter (evenly strided)
+
+
+# ------------------------------------------------------------------ cache location
+def default_cache_dir() -> Path:
+    """The editkit cache root: ``$EDITKIT_CACHE``, else ``$XDG_CACHE_HOME/editkit``, else
+    ``~/.cache/editkit``."""
+    if os.environ.get("EDITKIT_CACHE"):
+        return Path(os.environ["EDITKIT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "editkit"
+    return Path.home() / ".cache" / "editkit"
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -------------------------------------------------------------------- text sources
+@dataclass
+class TextSource:
+    """Where statistics texts come from: a stable ``identity`` and a lazy iterator."""
+
+    identity: str
+    description: str
+    factory: Callable[[], Iterable[Any]]
+
+    def texts(self, limit: int) -> Iterator[str]:
+        """The first ``limit`` non-empty texts of the source."""
+        it = (t for t in map(_as_text, self.factory()) if t.strip())
+        return itertools.islice(it, limit)
+
+
+def _as_text(item: Any) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Mapping) and isinstance(item.get("text"), str):
+        return item["text"]
+    raise StatsError(
+        f"a statistics text must be a string or a mapping with a 'text' string, got "
+        f"{type(item).__name__} {str(item)[:80]!r}; pass texts=[str, ...] or a dataset with a "
+        "'text' column"
+    )
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    yield from _paragraphs(path.read_text(encoding="utf-8"))
+
+
+def _read_jsonl(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise StatsError(
+                    f"{str(path)!r} line {i} is not JSON ({exc}); a .jsonl text source needs "
+                    "one JSON object with a 'text' field per line"
+                ) from exc
+            yield _as_text(obj)
+
+
+def _pydoc_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [p for key in sorted(topics) for p in _paragraphs(topics[key])]
+
+
+def _fact_world_texts() -> list[str]:
+    from editkit.testbed import FactWorld
+
+    return FactWorld().texts()
+
+
+def _wikitext_texts() -> Iterable[Any]:
+    how = ("pass local text instead: texts=['...', ...], texts='corpus.txt' (documents "
+           "separated by blank lines) or texts='corpus.jsonl' (a 'text' field per line), or "
+           "the offline source texts='pydoc'")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise StatsError(
+            f"the default statistics source wikitext-103-raw-v1 needs the 'datasets' package "
+            f"(pip install datasets) and network access; {how}"
+        ) from exc
+    try:
+        ds = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split="train")
+    except Exception as exc:  # offline, hub error, cache miss with HF_DATASETS_OFFLINE=1
+        raise StatsError(
+            f"could not load wikitext-103-raw-v1 from the Hugging Face hub "
+            f"({type(exc).__name__}: {exc}); {how}"
+        ) from exc
+    return ds
+
+
+def text_source(texts: Any, n_samples: int) -> TextSource:
+    """Resolve ``texts`` (see the module docstring) into a :class:`TextSource`.
+
+    Plain iterables are materialised (their first ``n_samples`` items) so that their content
+    can be hashed into the cache key; files are identified by path, size and mtime; datasets
+    by their fingerprint; named sources by name.
+    """
+    if texts is None:
+        texts = "wikitext"
+    if isinstance(texts, (str, os.PathLike)):
+        path = Path(texts).expanduser()
+        if path.is_file():
+            st = path.stat()
+            ident = f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+            if path.suffix == ".jsonl":
+                return TextSource(ident, str(path), lambda: _read_jsonl(path))
+            return TextSource(ident, str(path), lambda: _read_txt(path))
+        name = str(texts)
+        if name == "wikitext":
+            return TextSource("hub:wikitext/wikitext-103-raw-v1:train", "wikitext-103-raw-v1",
+                              _wikitext_texts)
+        if name == "pydoc":
+            import sys
+
+            ident = f"pydoc:{sys.version_info.major}.{sys.version_info.minor}:" + _sha(
+                _pydoc_texts())[:16]
+            return TextSource(ident, "Python documentation (pydoc_data)", _pydoc_texts)
+        if name == "fact_world":
+            from editkit.testbed import FactWorld
+
+            return TextSource(f"fact_world:{FactWorld().fingerprint()[:16]}", "fact-world corpus",
+                              _fact_world_texts)
+        raise StatsError(
+            f"texts={name!r} is neither an existing file nor a named source {NAMED_SOURCES}; "
+            "pass a path to a .txt/.jsonl file, a list of strings or a datasets.Dataset"
+        )
+    if hasattr(texts, "_fingerprint") and hasattr(texts, "column_names"):  # datasets.Dataset
+        ds = texts
+        if "text" not in ds.column_names:
+            raise StatsError(f"the dataset has columns {ds.column_names} but no 'text' column; "
+                             "rename the text column to 'text'")
+        return TextSource(f"dataset:{ds._fingerprint}:{len(ds)}", "datasets.Dataset",
+                          lambda: ds["text"] if len(ds) <= n_samples else
+                          ds.select(range(n_samples))["text"])
+    if isinstance(texts, Iterable):
+        items = [_as_text(t) for t in itertools.islice(iter(texts), n_samples)]
+        digest = hashlib.sha256()
+        for t in items:
+            digest.update(hashlib.sha256(t.encode("utf-8")).digest())
+        return TextSource(f"texts:{len(items)}:{digest.hexdigest()[:24]}",
+                          f"{len(items)} given texts", lambda: items)
+    raise StatsError(
+        f"texts must be an iterable of strings, a file path, a datasets.Dataset or one of "
+        f"{NAMED_SOURCES}; got {type(texts).__name__}"
+    )
+
+
+# ------------------------------------------------------------------- fingerprints
+def _tensor_digest(h: Any, name: str, t: torch.Tensor, full: bool) -> None:
+    t = t.detach()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{'full' if full else 'strided'}".encode())
+    flat = t.reshape(-1)
+    if not full and flat.numel() > _HASH_SAMPLE:
+        flat = flat[:: flat.numel() // _HASH_SAMPLE]
+    flat = flat.contiguous().cpu()
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: nn.Module, adapter: Any, layer: int) -> str:
+    """Content hash of the weights that determine the keys of ``layer``.
+
+    The keys of layer ``l`` depend on the embeddings, blocks ``< l`` and block ``l`` up to its
+    edited matrix, not on ``mlp_out`` of layer ``l`` itself (so editing that matrix — what ROME
+    does — does not invalidate its statistics) nor on later blocks, the final norm or the
+    head. The embedding and ``mlp_in`` of ``layer`` are hashed completely; every other
+    relevant parameter by an evenly strided sample of at most 65 536 entries (a rank-one or
+    dense change to a matrix alters nearly every entry), which keeps this cheap for large
+    models while staying content based.
+    """
+    prefix = adapter.layers + "."
+    out_prefix = adapter.module_name("mlp_out", layer) + "."
+    after = tuple(adapter.module_name(s) + "." for s in ("final_norm", "lm_head"))
+    full = {adapter.weight_name("embedding"), adapter.weight_name("mlp_in", layer)}
+    h = hashlib.sha256(f"{getattr(model.config, 'model_type', '?')}|{layer}".encode())
+    for name, p in model.named_parameters():
+        if name.startswith(prefix):
+            index = int(name[len(prefix):].split(".", 1)[0])
+            if index > layer or name.startswith(out_prefix):
+                continue
+        elif name.startswith(after):
+            continue
+        _tensor_digest(h, name, p, full=name in full)
+    return h.hexdigest()[:32]
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Strided content hash of every parameter (cheap; changes with any real edit)."""
+    h = hashlib.sha256(str(getattr(model.config, "model_type", "?")).encode())
+    for name, p in model.named_parameters():
+        _tensor_digest(h, name, p, full=False)
+    return h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the tokenizer's class, size and its ids for a probe string."""
+    probe = "The quick brown fox, 1234 — naïve café.\nNew line"
+    ids = list(tokenizer(probe)["input_ids"])
+    return _sha([type(tokenizer).__name__, len(tokenizer), ids])[:16]
+
+
+# ------------------------------------------------------------------ safetensors IO
+def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        meta = {**meta, "checksum": _checksum(tensors)}
+        save_file(tensors, tmp, metadata={"editkit": json.dumps(meta, default=str)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _safe_load(path: Path, expect: Mapping[str, Any]
+               ) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Tensors and header of ``path`` if it is intact and matches ``expect``; else ``None``.
+
+    A file that cannot be parsed (truncated, corrupted), whose checksum does not match its
+    tensors, or whose header disagrees with ``expect`` is deleted (it would fail again).
+    """
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["editkit"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("checksum") != _checksum(tensors):
+            raise ValueError("checksum mismatch")
+        if any(meta.get(k) != v for k, v in expect.items()):
+            raise ValueError("header does not match the requested statistics")
+    except Exception as exc:  # any failure means the file cannot be trusted
+        logger.warning("discarding unusable statistics file %s (%s); recomputing", path, exc)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+    return tensors, meta
+
+
+# ------------------------------------------------------------------- distribution
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    if _dist()[1] > 1:
+        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+    return t
+
+
+# --------------------------------------------------------------------- public API
+def second_moment(
+    model: nn.Module,
+    layers: int | Sequence[int],
+    texts: Any = None,
+    *,
+    tokenizer: Any = None,
+    n_samples: int = 100_000,
+    max_length: int | None = None,
+    dtype: str = "float32",
+    adapter: Any = None,
+    batch_size: int = 16,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """``C = E[k kᵀ]`` of the edited matrix's input keys, for each layer in ``layers``.
+
+    Args:
+        model: A causal LM with a registered adapter.
+        layers: One layer index or several; all are computed in one pass over the texts.
+        texts: The text source (see the module docstring); default ``"wikitext"``.
+        tokenizer: Tokenizer of ``model`` (required).
+        n_samples: Number of texts (documents) to read.
+        max_length: Tokens per text (longer texts are truncated); default
+            ``min(context length, 1024)``.
+        dtype: dtype of the returned matrices (accumulation is always float64).
+        adapter: Defaults to the registered adapter of ``model``.
+        batch_size: Texts per forward pass.
+        cache_dir: Defaults to ``default_cache_dir() / "stats"``.
+        use_cache: Read and write the on-disk cache (checkpoints included).
+        checkpoint_every: Batches between checkpoints of the partial sums.
+        progress: Show a tqdm bar with tokens/s.
+
+    Returns:
+        ``{layer: C}`` with ``C`` of shape ``(d_key, d_key)`` on the CPU.
+
+    Raises:
+        InvalidHyperParamsError: a layer is out of range.
+        StatsError: bad source, no tokenizer, no tokens, or the default hub source is
+            unavailable (offline) — the message says how to pass local text.
+    """
+    adapter = adapter if adapter is not None else get_adapter(model)
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    if not layer_list:
+        raise StatsError("layers is empty; pass one layer index or a list of them")
+    for layer in layer_list:
+        adapter.check_layer(model, layer, "layer")
+    layer_list = sorted(set(layer_list))
+    if dtype not in _DTYPES:
+        raise StatsError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    for what, value in (("n_samples", n_samples), ("batch_size", batch_size),
+                        ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise StatsError(f"{what}={value!r} must be a positive integer")
+    if tokenizer is None:
+        raise StatsError("second_moment needs the model's tokenizer: pass tokenizer=...")
+    if max_length is None:
+        ctx = (getattr(model.config, "max_position_embeddings", None)
+               or getattr(model.config, "n_positions", None) or 1024)
+        max_length = min(int(ctx), 1024)
+    if not isinstance(max_length, int) or max_length <= 0:
+        raise StatsError(f"max_length={max_length!r} must be a positive integer")
+
+    source = text_source(texts, n_samples)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
+    model_type = str(getattr(model.config, "model_type", "model"))
+    common = {
+        "format": CACHE_FORMAT, "source": source.identity, "n_samples": n_samples,
+        "max_length": max_length, "dtype": dtype, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "slot": "mlp_out.input",
+    }
+    keys = {layer: {**common, "layer": layer, "model": model_fingerprint(model, adapter, layer)}
+            for layer in layer_list}
+    paths = {layer: root / model_type / f"mom2_l{layer}_{_sha(key)[:24]}.safetensors"
+             for layer, key in keys.items()}
+
+    results: dict[int, torch.Tensor] = {}
+    if use_cache:
+        for layer in layer_list:
+            loaded = _safe_load(paths[layer], {"key": keys[layer]})
+            if loaded is not None:
+                results[layer] = loaded[0]["mom2"].to(_DTYPES[dtype])
+                logger.info("layer %d statistics loaded from %s", layer, paths[layer])
+    # Every rank must agree on what is missing, or the all-reduce below would deadlock.
+    have = torch.tensor([float(layer in results) for layer in layer_list], dtype=torch.float64,
+                        device=next(model.parameters()).device)
+    _all_reduce(have, torch.distributed.ReduceOp.MIN if _dist()[1] > 1 else None)
+    missing = [layer for layer, h in zip(layer_list, have.tolist(), strict=True) if h < 1.0]
+    if not missing:
+        return results
+    for layer in missing:
+        results.pop(layer, None)
+
+    run_key = _sha([keys[layer] for layer in missing] + [list(_dist())])[:24]
+    ckpt = root / model_type / f"mom2_partial_{run_key}.safetensors" if use_cache else None
+    sums, count = _accumulate(model, adapter, tokenizer, source, missing, n_samples, max_length,
+                              batch_size, ckpt, checkpoint_every, progress)
+    device = next(model.parameters()).device
+    count_t = _all_reduce(torch.tensor([float(count)], dtype=torch.float64, device=device))
+    for layer in missing:
+        sums[layer] = _all_reduce(sums[layer]).cpu()
+    total = int(count_t.item())
+    if total == 0:
+        raise StatsError(f"no tokens were read from {source.description}; pass non-empty texts")
+    rank, _ = _dist()
+    for layer in missing:
+        mom2 = sums[layer] / total
+        results[layer] = mom2.to(_DTYPES[dtype])
+        if use_cache and rank == 0:
+            meta = {"key": keys[layer], "count": total, "source_description": source.description}
+            _atomic_save({"mom2": mom2.to(_DTYPES[dtype])}, meta, paths[layer])
+            logger.info("layer %d statistics (%d tokens) cached at %s", layer, total, paths[layer])
+    if ckpt is not None and ckpt.exists():
+        ckpt.unlink()
+    return {layer: results[layer] for layer in layer_list}
+
+
+def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSource,
+                layers: list[int], n_samples: int, max_length: int, batch_size: int,
+                ckpt: Path | None, checkpoint_every: int, progress: bool,
+                ) -> tuple[dict[int, torch.Tensor], int]:
+    """Local (this rank's) ``Σ k kᵀ`` per layer and token count, resuming from ``ckpt``."""
+    rank, world = _dist()
+    device = next(model.parameters()).device
+    names = {layer: adapter.module_name("mlp_out", layer) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}
+    count, consumed = 0, 0
+    expect = {"layers": layers, "rank": rank, "world": world}
+    if ckpt is not None:
+        loaded = _safe_load(ckpt, expect)
+        if loaded is not None:
+            tensors, meta = loaded
+            sums = {layer: tensors[f"sum.{layer}"].to(device) for layer in layers}
+            count, consumed = int(meta["count"]), int(meta["consumed"])
+            logger.info("resuming statistics from checkpoint %s (%d texts done)", ckpt, consumed)
+
+    pad = pad_id(tokenizer)
+    texts = itertools.islice(source.texts(n_samples), consumed, None)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=n_samples, initial=consumed, disable=not progress, unit="text",
+               desc=f"mom2 layers {layers}", mininterval=1.0)
+    start, tokens_run, batches = time.perf_counter(), 0, 0
+    try:
+        while True:
+            # Every rank reads the same global chunk and keeps every world-th text of it.
+            chunk = list(itertools.islice(texts, batch_size * world))
+            if not chunk:
+                break
+            index0 = consumed
+            consumed += len(chunk)
+            mine = [t for i, t in enumerate(chunk, index0) if i % world == rank]
+            ids = [s for s in tokenizer(mine, truncation=True, max_length=max_length)["input_ids"]
+                   if len(s) > 0] if mine else []
+            if ids:
+                batch = right_pad(ids, pad, device)
+                with torch.no_grad(), Trace(model, list(names.values()), retain_input=True,
+                                            stop=True) as tr:
+                    model(**batch.model_inputs(), use_cache=False)
+                mask = batch.attention_mask.bool()
+                for layer, name in names.items():
+                    k = tr.inputs[name][mask].to(torch.float64)
+                    part = k.T @ k
+                    sums[layer] = sums[layer] + part if layer in sums else part
+                n = int(mask.sum())
+                count += n
+                tokens_run += n
+            batches += 1
+            bar.update(len(chunk))
+            bar.set_postfix(tok_s=f"{tokens_run / max(time.perf_counter() - start, 1e-9):.0f}",
+                            refresh=False)
+            if ckpt is not None and batches % checkpoint_every == 0 and sums:
+                _atomic_save({f"sum.{layer}": s for layer, s in sums.items()},
+                             {**expect, "count": count, "consumed": consumed}, ckpt)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if not sums:  # this rank read nothing; contribute zeros of the right size
+        for layer in layers:
+            d = adapter.module(model, "mlp_out", layer)
+            d_in = _in_features(adapter, d)
+            sums[layer] = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+    return sums, count
+
+
+def _in_features(adapter: Any, module: nn.Module) -> int:
+    return int(adapter.kv_view(module.weight).shape[1])

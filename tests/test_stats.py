@@ -1,0 +1,320 @@
+"""Second-moment statistics: correctness, one pass for many layers, early stop, cache, resume,
+distributed equality, text sources and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import editkit
+from editkit.stats import model_fingerprint, second_moment, text_source
+
+TEXTS = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "LeBron James plays the sport of basketball.",
+    "Danielle Darrieux's mother tongue is French.",
+    "A short one.",
+    "Statistics of keys are collected over every token position of generic text, padding "
+    "excluded, and accumulated in double precision.",
+    "Rome is the capital of Italy.",
+    "x",
+    "The quick brown fox jumps over the lazy dog, again and again and again.",
+] * 3
+
+
+@pytest.fixture
+def model_tok(bytelevel_tokenizer):
+    return tiny_model("gpt2", len(bytelevel_tokenizer), n_layers=4), bytelevel_tokenizer
+
+
+def moment(model, tok, layers, tmp_path, **kw):
+    texts = kw.pop("texts", TEXTS)
+    opts = {"tokenizer": tok, "n_samples": 100, "max_length": 32, "batch_size": 5,
+            "cache_dir": tmp_path / "cache", "progress": False}
+    opts.update(kw)
+    return second_moment(model, layers, texts, **opts)
+
+
+class BlockCounter:
+    """Counts forward calls of every block (and can fail on the n-th call of one block)."""
+
+    def __init__(self, model, fail_block: int | None = None, fail_at: int | None = None):
+        self.blocks = editkit.get_adapter(model).blocks(model)
+        self.calls = [0] * len(self.blocks)
+        self.fail_block, self.fail_at = fail_block, fail_at
+
+    def __enter__(self):
+        def hook(i):
+            def fn(module, args):
+                self.calls[i] += 1
+                if i == self.fail_block and self.calls[i] == self.fail_at:
+                    raise RuntimeError("simulated crash")
+            return fn
+
+        self.handles = [b.register_forward_pre_hook(hook(i)) for i, b in enumerate(self.blocks)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def naive_moment(model, tok, layer, texts, max_length):
+    """E[k kᵀ] from one full forward per text (no batching, no padding)."""
+    adapter = editkit.get_adapter(model)
+    module = adapter.module(model, "mlp_out", layer)
+    keys = []
+    handle = module.register_forward_hook(lambda m, args, out: keys.append(args[0][0]))
+    try:
+        with torch.no_grad():
+            for t in texts:
+                ids = tok(t, truncation=True, max_length=max_length)["input_ids"]
+                model(torch.tensor([ids]))
+    finally:
+        handle.remove()
+    k = torch.cat(keys).double()
+    return k.T @ k / k.shape[0]
+
+
+def test_matches_naive_per_text_computation(model_tok, tmp_path):
+    model, tok = model_tok
+    got = moment(model, tok, [2], tmp_path, dtype="float64", use_cache=False)[2]
+    want = naive_moment(model, tok, 2, TEXTS, 32)
+    # keys are float32 model activations; batching with padding changes them at that level
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert torch.allclose(got, got.T)
+    assert torch.linalg.eigvalsh(got).min() > -1e-10  # PSD
+
+
+def test_one_pass_for_many_layers_equals_single_layer_passes(model_tok, tmp_path):
+    model, tok = model_tok
+    together = moment(model, tok, [0, 1, 3], tmp_path / "a", dtype="float64")
+    for layer in (0, 1, 3):
+        alone = moment(model, tok, layer, tmp_path / f"b{layer}", dtype="float64")[layer]
+        torch.testing.assert_close(together[layer], alone, rtol=0, atol=0)
+    assert together[0].dtype == torch.float64
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_forward_stops_after_deepest_needed_layer(model_tok, tmp_path):
+    model, tok = model_tok
+    with BlockCounter(model) as counter:
+        moment(model, tok, [0, 1], tmp_path, use_cache=False)
+    n_batches = -(-len(TEXTS) // 5)
+    assert counter.calls[:2] == [n_batches, n_batches]
+    assert counter.calls[2:] == [0, 0]
+
+
+def test_cache_hit_skips_the_model_and_returns_the_same(model_tok, tmp_path):
+    model, tok = model_tok
+    first = moment(model, tok, [1, 2], tmp_path)
+    files = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(files) == 2
+    with BlockCounter(model) as counter:
+        again = moment(model, tok, [1, 2], tmp_path)
+    assert sum(counter.calls) == 0
+    for layer in (1, 2):
+        assert torch.equal(first[layer], again[layer])
+        assert first[layer].dtype == torch.float32
+    # Another sample count or text source is another key.
+    with BlockCounter(model) as counter:
+        moment(model, tok, [1], tmp_path, n_samples=7)
+    assert sum(counter.calls) > 0
+
+
+def test_cache_key_follows_the_weights_that_shape_the_keys(model_tok):
+    model, tok = model_tok
+    adapter = editkit.get_adapter(model)
+    before = {layer: model_fingerprint(model, adapter, layer) for layer in range(4)}
+    with torch.no_grad():  # what ROME does at layer 2: change its own mlp_out only
+        adapter.module(model, "mlp_out", 2).weight.add_(0.01)
+    after = {layer: model_fingerprint(model, adapter, layer) for layer in range(4)}
+    assert after[2] == before[2] and after[1] == before[1]  # own keys do not depend on it
+    assert after[3] != before[3]  # later keys do
+    with torch.no_grad():
+        adapter.module(model, "mlp_in", 0).weight.mul_(1.01)
+    assert all(model_fingerprint(model, adapter, layer) != before[layer] for layer in range(4))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_cache_file_is_detected_and_recomputed(model_tok, tmp_path, damage):
+    model, tok = model_tok
+    first = moment(model, tok, [1], tmp_path)[1]
+    (path,) = (tmp_path / "cache").rglob("*.safetensors")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # flip bytes of the tensor payload: the header still parses, the checksum does not
+        path.write_bytes(data[:-64] + bytes(b ^ 0xFF for b in data[-64:]))
+    with BlockCounter(model) as counter:
+        again = moment(model, tok, [1], tmp_path)[1]
+    assert sum(counter.calls) > 0
+    assert torch.equal(first, again)
+    with BlockCounter(model) as counter:  # and the rewritten file is good again
+        moment(model, tok, [1], tmp_path)
+    assert sum(counter.calls) == 0
+
+
+def test_interrupted_run_resumes_from_checkpoint(model_tok, tmp_path):
+    model, tok = model_tok
+    reference = moment(model, tok, [0, 2], tmp_path / "ref", dtype="float64", use_cache=False)
+    n_batches = -(-len(TEXTS) // 5)
+    with BlockCounter(model, fail_block=0, fail_at=4), pytest.raises(RuntimeError, match="crash"):
+        moment(model, tok, [0, 2], tmp_path, dtype="float64", checkpoint_every=1)
+    partial = list((tmp_path / "cache").rglob("*partial*"))
+    assert len(partial) == 1
+    with BlockCounter(model) as counter:
+        resumed = moment(model, tok, [0, 2], tmp_path, dtype="float64", checkpoint_every=1)
+    assert counter.calls[0] == n_batches - 3  # batches 1-3 came from the checkpoint
+    for layer in (0, 2):
+        torch.testing.assert_close(resumed[layer], reference[layer], rtol=1e-12, atol=1e-15)
+    assert not list((tmp_path / "cache").rglob("*partial*"))
+
+
+def test_text_files_and_lists_give_the_same_statistics(model_tok, tmp_path):
+    model, tok = model_tok
+    docs = TEXTS[:8]
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("\n\n".join(docs) + "\n")
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    want = moment(model, tok, [1], tmp_path / "a", texts=docs, use_cache=False)[1]
+    for src in (txt, str(jsonl), iter(docs)):
+        got = moment(model, tok, [1], tmp_path / "b", texts=src, use_cache=False)[1]
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    # identities: content for lists, path/size/mtime for files
+    assert text_source(docs, 100).identity == text_source(list(docs), 100).identity
+    assert text_source(docs, 100).identity != text_source(docs[:-1], 100).identity
+    assert text_source(txt, 100).identity.startswith("file:")
+
+
+def test_datasets_dataset_source(model_tok, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    model, tok = model_tok
+    ds = datasets.Dataset.from_dict({"text": TEXTS[:8]})
+    got = moment(model, tok, [1], tmp_path, texts=ds, use_cache=False)[1]
+    want = moment(model, tok, [1], tmp_path, texts=TEXTS[:8], use_cache=False)[1]
+    torch.testing.assert_close(got, want)
+
+
+def test_pydoc_source_works_offline(model_tok, tmp_path):
+    model, tok = model_tok
+    c = moment(model, tok, [0], tmp_path, texts="pydoc", n_samples=20)[0]
+    assert c.shape == (192, 192) and torch.isfinite(c).all() and c.diagonal().min() > 0
+
+
+def test_errors_name_the_problem(model_tok, tmp_path, monkeypatch):
+    model, tok = model_tok
+    with pytest.raises(editkit.InvalidHyperParamsError, match="layer=7"):
+        moment(model, tok, [1, 7], tmp_path)
+    with pytest.raises(editkit.StatsError, match="tokenizer"):
+        second_moment(model, [1], TEXTS, progress=False, cache_dir=tmp_path)
+    with pytest.raises(editkit.StatsError, match="no_such_corpus"):
+        moment(model, tok, [1], tmp_path, texts="no_such_corpus")
+    with pytest.raises(editkit.StatsError, match="dtype"):
+        moment(model, tok, [1], tmp_path, dtype="int8")
+    with pytest.raises(editkit.StatsError, match="no tokens"):
+        moment(model, tok, [1], tmp_path, texts=["  ", ""])
+    # the default source without the datasets package, and offline with it
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(editkit.StatsError, match=r"texts=\[") as info:
+        moment(model, tok, [1], tmp_path, texts=None)
+    assert "datasets" in str(info.value)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(editkit.StatsError, match="hub unreachable") as info:
+        moment(model, tok, [1], tmp_path, texts="wikitext")
+    assert "pydoc" in str(info.value)
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, torch, transformers
+    import editkit
+    from safetensors.torch import save_file
+    torch.set_num_threads(1)
+    rank, world, init, model_dir, out, texts = sys.argv[1:7]
+    torch.distributed.init_process_group("gloo", init_method=init, rank=int(rank),
+                                         world_size=int(world))
+    from editkit.stats import second_moment
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    block0 = editkit.get_adapter(model).blocks(model)[0]
+    block0.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    res = second_moment(model, [0, 2], texts, tokenizer=tok, n_samples=100, max_length=32,
+                        batch_size=3, dtype="float64", use_cache=False, progress=False)
+    with open(out + f".rank{rank}.json", "w") as f:
+        json.dump({"texts": sum(rows)}, f)
+    if int(rank) == 0:
+        save_file({f"l{k}": v for k, v in res.items()}, out)
+    torch.distributed.destroy_process_group()
+""")
+
+
+def test_distributed_two_processes_equal_single_process(model_tok, tmp_path):
+    model, tok = model_tok
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXTS) + "\n")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "dist.safetensors"
+    init = f"file://{tmp_path / 'pg_init'}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", init, str(model_dir),
+                               str(out), str(corpus)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+             for r in range(2)]
+    logs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    from safetensors.torch import load_file
+
+    dist = load_file(str(out))
+    shares = [json.loads(Path(f"{out}.rank{r}.json").read_text())["texts"] for r in range(2)]
+    assert shares == [len(TEXTS) // 2, len(TEXTS) // 2]  # each rank read its half
+    single = second_moment(model, [0, 2], corpus, tokenizer=tok, n_samples=100, max_length=32,
+                           batch_size=3, dtype="float64", use_cache=False, progress=False)
+    for layer in (0, 2):  # other batches (other padding) change keys at float32 precision
+        scale = float(single[layer].abs().max())
+        torch.testing.assert_close(dist[f"l{layer}"], single[layer], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_cache_dir_defaults_to_editkit_cache(model_tok, tmp_path, monkeypatch):
+    model, tok = model_tok
+    monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path / "root"))
+    second_moment(model, [1], TEXTS, tokenizer=tok, n_samples=5, max_length=16, progress=False)
+    assert list(Path(tmp_path / "root" / "stats").rglob("*.safetensors"))
+
+
+def test_stats_cli_computes_and_caches(model_tok, tmp_path, capsys):
+    import argparse
+
+    from editkit import stats_cli
+
+    model, tok = model_tok
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    parser = argparse.ArgumentParser()
+    stats_cli.add_parser(parser.add_subparsers())
+    argv = ["stats", str(tmp_path / "m"), "--layers", "all", "--texts", "pydoc", "--n-samples",
+            "30", "--max-length", "32", "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    args = parser.parse_args(argv)
+    assert stats_cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "layer 3: C (192, 192)" in out and "4 layer(s)" in out
+    assert len(list((tmp_path / "c").rglob("mom2_l*.safetensors"))) == 4
+    args = parser.parse_args([*argv[:3], "9", *argv[4:]])
+    assert stats_cli.run(args) == 1
+    assert "layer=9" in capsys.readouterr().out
