@@ -24,8 +24,10 @@ _SUBCOMMAND_MODULES = (
     "editkit.stats_cli",
     "editkit.tracing.cli",
     "editkit.eval.cli",
+    "editkit.methods.mend.cli",
+    "editkit.methods.ke.cli",
 )
-DEFAULT_DEMO_METHOD = "ft_l"
+DEFAULT_DEMO_METHOD = "rome"
 
 
 # ---------------------------------------------------------------- model loading
