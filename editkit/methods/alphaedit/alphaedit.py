@@ -28,10 +28,11 @@ class AlphaEditHyperParams(MEMITHyperParams):
     """MEMIT's fields plus the null-space settings.
 
     Attributes:
-        nullspace_threshold: Eigenvalues of C below ``nullspace_threshold · λ_max(C)`` span
-            the null space the update is confined to (relative, so it does not depend on the
-            scale of the keys; the reference uses an absolute 1e-2 on GPT-scale statistics).
-        l2: α, the ridge term of the projected solve.
+        nullspace_threshold: The null space the update is confined to is spanned by C's
+            smallest eigenvectors holding at most this share of tr(C) (scale free; the
+            reference thresholds eigenvalues at an absolute 1e-2 on GPT-scale statistics).
+        l2: The ridge α of the projected solve, in units of C's mean eigenvalue
+            (α = l2 · tr(C)/d), so it means the same for keys of any scale.
         remember_edits: Add the keys of each computed batch to K_p so later batches keep
             them (sequential editing, as in the paper). Keys of batches that were later
             reverted stay in K_p: a conservative constraint, never a wrong one.
@@ -42,7 +43,7 @@ class AlphaEditHyperParams(MEMITHyperParams):
     remember_edits: bool = True
 
     PUBLISHED: ClassVar[dict[str, dict[str, Any]]] = {
-        name: {**values, "l2": 10.0} for name, values in MEMITHyperParams.PUBLISHED.items()
+        name: {**values, "l2": 1.0} for name, values in MEMITHyperParams.PUBLISHED.items()
     }
     FACT_WORLD: ClassVar[dict[str, Any]] = {**MEMITHyperParams.FACT_WORLD, "l2": 1.0}
 
@@ -50,16 +51,24 @@ class AlphaEditHyperParams(MEMITHyperParams):
         super().validate(model, adapter)
         if not 0 < self.nullspace_threshold < 1:
             raise InvalidHyperParamsError(
-                f"nullspace_threshold={self.nullspace_threshold!r} must be in (0, 1): a "
-                "fraction of C's largest eigenvalue")
+                f"nullspace_threshold={self.nullspace_threshold!r} must be in (0, 1): the "
+                "share of tr(C) the null space may carry")
         self.check_positive(l2=self.l2)
 
 
 def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U₀ U₀ᵀ over the eigenvectors of C with eigenvalue < threshold · λ_max (float64)."""
+    """P = U₀ U₀ᵀ over C's least-energetic eigenvectors (float64).
+
+    U₀ holds the eigenvectors of smallest eigenvalue whose eigenvalues sum to at most
+    ``threshold · tr(C)``: the directions the preserved keys occupy least. An exactly
+    rank-deficient C gives its exact null space; a full-rank C (small models, few keys per
+    dimension) still gives the directions that carry only a ``threshold`` share of the keys'
+    second moment, so preserved keys move by at most about √threshold of their norm.
+    """
     c = cov.detach().to(dtype=torch.float64, device="cpu")
-    eigvals, eigvecs = torch.linalg.eigh((c + c.T) / 2)
-    null = eigvecs[:, eigvals < threshold * eigvals.max()]
+    eigvals, eigvecs = torch.linalg.eigh((c + c.T) / 2)  # ascending
+    energy = torch.cumsum(eigvals.clamp_min(0), 0)
+    null = eigvecs[:, energy <= threshold * energy[-1]]
     return null @ null.T
 
 
@@ -91,12 +100,16 @@ class AlphaEdit(MEMIT):
         self.projectors = {layer: null_space_projector(self.covariances[layer],
                                                        hp.nullspace_threshold)
                            for layer in hp.layers}
+        # α = l2 · (mean eigenvalue of C): the ridge in units of a typical key's energy.
+        self.ridges = {layer: hp.l2 * float(torch.trace(self.covariances[layer].double()))
+                       / self.covariances[layer].shape[0] for layer in hp.layers}
         self.edited_key_moments: dict[int, torch.Tensor] = {}
 
     def layer_update(self, layer: int, keys: torch.Tensor,
                      resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         left, right = solve_projected_update(keys, resid, self.projectors[layer],
-                                             self.edited_key_moments.get(layer), self.hparams.l2)
+                                             self.edited_key_moments.get(layer),
+                                             self.ridges[layer])
         if self.hparams.remember_edits:
             k = keys.detach().to(dtype=torch.float64, device="cpu")
             self.edited_key_moments[layer] = self.edited_key_moments.get(layer, 0) + k @ k.T
