@@ -418,3 +418,16 @@ def test_peft_export_on_the_fact_world(fact_world, tmp_path):
             torch.testing.assert_close(merged(x).logits, want, rtol=1e-5, atol=1e-5)
     finally:
         editor.revert()
+
+
+def test_hparams_from_tracing_take_the_suggested_layer():
+    from editkit.methods.rome import ROMEHyperParams
+    from editkit.testbed import FactWorld, load_fact_world
+    from editkit.tracing import suggest_layer
+
+    model, tok = load_fact_world()
+    records = FactWorld().records(n=3)
+    kw = {"samples": 2, "progress": False}
+    hp = ROMEHyperParams.from_tracing(model, tok, records, **kw)
+    assert hp.layer == suggest_layer(model, tok, records, **kw).layer
+    assert 0 <= hp.layer < 4

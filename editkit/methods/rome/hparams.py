@@ -135,6 +135,24 @@ class ROMEHyperParams(HyperParams):
         return super().for_model(model, adapter)
 
     @classmethod
+    def from_tracing(cls, model, tokenizer, records, adapter=None,
+                     **trace_kwargs: Any) -> ROMEHyperParams:
+        """Defaults for ``model`` with ``layer`` chosen by causal tracing.
+
+        The layer is :func:`editkit.tracing.suggest_layer` on ``records`` (CounterFact-format
+        dicts): the maximum of the MLP AIE at the subject's last token. Hase et al. (2023)
+        found this need not be where editing works best (on the fact world it is not; see
+        ``docs/tracing.md``), so compare with ``editkit.tracing.layer_sweep``.
+        """
+        from editkit.registry import get_adapter
+        from editkit.tracing import suggest_layer
+
+        adapter = adapter if adapter is not None else get_adapter(model)
+        layer = suggest_layer(model, tokenizer, records, adapter=adapter, **trace_kwargs).layer
+        base = cls.scaled(adapter.num_layers(model))
+        return dataclasses.replace(base, layer=layer)
+
+    @classmethod
     def scaled(cls, n_layers: int) -> ROMEHyperParams:
         """Defaults for a model without published values.
 
