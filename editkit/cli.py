@@ -33,24 +33,29 @@ DEFAULT_DEMO_METHOD = "rome"
 # ---------------------------------------------------------------- model loading
 def load_model(spec: str, device: str = "cpu"):
     """``factworld`` → the offline fact world; otherwise a local ``save_pretrained`` dir."""
+    from editkit.errors import EditkitError
+
     if spec in ("factworld", "fact_world", "fact-world"):
         from editkit.testbed import load_fact_world
 
         return load_fact_world(device=device)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if not path.is_dir():
-        from editkit.errors import EditkitError
-
         raise EditkitError(
             f"--model {spec!r} is neither 'factworld' nor a local model directory; pass a "
-            "directory written by save_pretrained (model + tokenizer)"
+            "directory written by model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
         )
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    except Exception as exc:
+        raise EditkitError(
+            f"cannot load a causal LM and tokenizer from {str(path)!r} ({type(exc).__name__}: "
+            f"{exc}); save both there with save_pretrained"
+        ) from exc
+    return model.to(device).eval(), tokenizer
 
 
 def build_editor(method: str, model, tokenizer, hparams: str | None = None,
@@ -152,7 +157,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     editor.apply(requests)
     print(f"{args.method}: {len(requests)} request(s) applied in {time.perf_counter() - t0:.1f}s")
-    for line, (r, p) in zip(before, probes):
+    for line, (r, p) in zip(before, probes, strict=True):
         print(line)
         print(_probe(model, tok, "after", p, r.target_new, r.target_true))
     if args.save:

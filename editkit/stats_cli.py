@@ -46,17 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from editkit.stats import default_cache_dir, second_moment
 
     try:
-        if args.model == FACT_WORLD:
-            from editkit.testbed import load_fact_world
+        from editkit.cli import load_model
 
-            model, tokenizer = load_fact_world(device=args.device)
-            texts = args.texts or FACT_WORLD
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-            texts = args.texts or "wikitext"
+        model, tokenizer = load_model(args.model, device=args.device)
+        texts = args.texts or (FACT_WORLD if args.model == FACT_WORLD else "wikitext")
         adapter = get_adapter(model)
         if args.layers == ["all"]:
             layers = list(range(adapter.num_layers(model)))

@@ -84,30 +84,6 @@ def add_parser(subparsers: Any) -> None:
     c.set_defaults(eval_command="compare")
 
 
-def _load_model(spec: str, device: str):
-    if spec == "factworld":
-        from editkit.testbed import load_fact_world
-
-        return load_fact_world(device=device)
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise EditkitError(
-            f"--model {spec!r} is not a directory; give 'factworld' or a directory written "
-            "by model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
-    except Exception as exc:
-        raise EditkitError(
-            f"cannot load a causal LM and tokenizer from {str(path)!r} ({type(exc).__name__}: "
-            f"{exc}); save both there with save_pretrained"
-        ) from exc
-    return model.to(device).eval(), tokenizer
-
-
 def _hparams(text: str | None) -> dict[str, Any] | None:
     if text is None:
         return None
@@ -145,7 +121,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     records = load_dataset(args.data, args.format, args.n, split=args.split, seed=args.seed,
                            zsre_target=args.zsre_target)
-    model, tokenizer = _load_model(args.model, args.device)
+    from editkit.cli import load_model
+
+    model, tokenizer = load_model(args.model, args.device)
     label = Path(args.data).name if Path(args.data).exists() else args.data
     report = evaluate(
         args.method, model, tokenizer, records, protocol=args.protocol, metrics=metrics,
