@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from editkit.editor import AppliedEdit, Editor, EditHistory
+from editkit.editor import AppliedEdit, EditHistory, Editor
 from editkit.errors import (
     DatasetFormatError,
     EditFailedError,

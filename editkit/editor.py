@@ -161,7 +161,7 @@ class Editor(ABC):
             ) from exc
 
     # ------------------------------------------------------ subclass surface
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 - optional hook, empty by default
         """One-time work per model (statistics, templates, hypernetwork); optional."""
 
     @abstractmethod
@@ -172,7 +172,7 @@ class Editor(ABC):
     def compute_update(self, requests: EditRequest | Sequence[EditRequest]) -> Patch:
         """The patch that performs the edit(s). Must leave the model unchanged."""
 
-    def validate_requests(self, requests: list[EditRequest]) -> None:
+    def validate_requests(self, requests: list[EditRequest]) -> None:  # noqa: B027
         """Reject requests this method cannot edit, before any work; optional."""
 
     # --------------------------------------------------------------- public

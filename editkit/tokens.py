@@ -117,11 +117,11 @@ def subject_positions(tokenizer, prompts: Sequence[str], subjects: Sequence[str]
     Returns ``(batch encoding, positions)``.
     """
     side = padding_side or getattr(tokenizer, "padding_side", "right")
-    texts = [fill(p, s) for p, s in zip(prompts, subjects)]
+    texts = [fill(p, s) for p, s in zip(prompts, subjects, strict=True)]
     ids = [encode(tokenizer, t) for t in texts]
     width = max(len(x) for x in ids)
     rows, masks, positions = [], [], []
-    for prompt, subject, row in zip(prompts, subjects, ids):
+    for prompt, subject, row in zip(prompts, subjects, ids, strict=True):
         pad = width - len(row)
         offset = pad if side == "left" else 0
         rows.append([pad_id(tokenizer)] * pad + row if side == "left"
@@ -181,7 +181,7 @@ def build_scoring_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     seqs, tids, plens = [], [], []
-    for p, t in zip(prompts, targets):
+    for p, t in zip(prompts, targets, strict=True):
         pid, tid = prompt_target_ids(tokenizer, p, t)
         seqs.append(pid + tid)
         tids.append(tid)
@@ -193,7 +193,7 @@ def target_token_logprobs(logits: torch.Tensor, sb: ScoringBatch) -> list[torch.
     """Per-token log-probs of each row's target, from the batch's logits (keeps the graph)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     out = []
-    for i, (tid, plen) in enumerate(zip(sb.target_ids, sb.prompt_lengths)):
+    for i, (tid, plen) in enumerate(zip(sb.target_ids, sb.prompt_lengths, strict=True)):
         pos = torch.arange(plen - 1, plen - 1 + len(tid), device=logits.device)
         ids = torch.tensor(tid, device=logits.device)
         out.append(logp[i, pos, ids])

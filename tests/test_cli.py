@@ -34,7 +34,7 @@ def test_edit_local_model_dir_and_save_patch(model_dir, tmp_path, capsys):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
     patch.apply_to(base)
-    for (n, p), (_, q) in zip(base.named_parameters(), edited.named_parameters()):
+    for (n, p), (_, q) in zip(base.named_parameters(), edited.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 

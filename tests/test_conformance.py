@@ -6,7 +6,6 @@ import copy
 import warnings
 
 import pytest
-import torch
 from conftest import snapshot, state_equal
 
 import editkit

@@ -6,7 +6,6 @@ from conftest import snapshot, state_equal
 
 from editkit import EditRequest, InvalidHyperParamsError
 from editkit.methods.ft import FT, FTL, FTHyperParams, FTLHyperParams
-from editkit.tokens import score_targets
 
 REQ = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 

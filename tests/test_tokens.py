@@ -61,8 +61,8 @@ def test_subject_positions_in_padded_batches(tok, side):
     prompts = ["{} is located in", "Everyone knows that {} plays the sport of", "{}"]
     subjects = ["The Eiffel Tower", "LeBron James", "Paris"]
     batch, pos = subject_positions(tok, prompts, subjects, padding_side=side)
-    for row, mask, p, prompt, subject in zip(batch["input_ids"], batch["attention_mask"], pos,
-                                             prompts, subjects):
+    for row, mask, p, subject in zip(batch["input_ids"], batch["attention_mask"], pos,
+                                     subjects, strict=True):
         assert mask[p] == 1
         real = row[mask.bool()].tolist()
         offset = int((~mask.bool()).sum()) if side == "left" else 0
@@ -90,7 +90,7 @@ def test_batched_scores_equal_one_at_a_time(tok):
     prompts = ["The Eiffel Tower is in", "LeBron James plays", "A", "Danielle Darrieux speaks"]
     targets = ["Paris", "basketball", "multi word target", "French"]
     batched = score_targets(model, tok, prompts, targets)
-    single = torch.cat([score_targets(model, tok, [p], [t]) for p, t in zip(prompts, targets)])
+    single = torch.cat([score_targets(model, tok, [p], [t]) for p, t in zip(prompts, targets, strict=True)])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
     # Against a direct computation for one row.
     p_ids, t_ids = prompt_target_ids(tok, prompts[2], targets[2])

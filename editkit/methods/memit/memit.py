@@ -32,7 +32,11 @@ from editkit.errors import InvalidRequestError, StatsError
 from editkit.methods.memit.hparams import MEMITHyperParams
 from editkit.methods.rome.compute_k import keys_at
 from editkit.methods.rome.compute_v import compute_value
-from editkit.methods.rome.templates import apply_template, check_templates, generate_context_templates
+from editkit.methods.rome.templates import (
+    apply_template,
+    check_templates,
+    generate_context_templates,
+)
 from editkit.patch import Dense, LowRank, Patch
 from editkit.requests import EditRequest, as_request_list
 
