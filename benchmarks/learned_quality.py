@@ -56,7 +56,7 @@ def main() -> None:
     model, tok = load_fact_world()
     world = FactWorld()
     train, val, test = split_by_subject(as_requests(world.records()), (0.8, 0.1, 0.1), seed=0)
-    test = test[: args.n_test]
+    test_all, test = test, test[: args.n_test]
     out = Path(args.out)
     results: dict = {"split": {"train": len(train), "val": len(val), "test": len(test)},
                      "threads": args.threads, "methods": {}}
@@ -80,8 +80,14 @@ def main() -> None:
         if args.ship:
             dest = ROOT / "editkit" / "methods" / m / "data" / "fact_world"
             dest.mkdir(parents=True, exist_ok=True)
-            for name in ("hypernet.safetensors", "hypernet.json"):
-                shutil.copy2(run_dir / name, dest / name)
+            shutil.copy2(run_dir / "hypernet.safetensors", dest / "hypernet.safetensors")
+            meta = json.loads((run_dir / "hypernet.json").read_text())
+            meta["split"] = {  # which fact-world records it was trained / validated on
+                "how": "split_by_subject(FactWorld().records(), (0.8, 0.1, 0.1), seed=0)",
+                **{f"{k}_case_ids": [r.case_id for r in part]
+                   for k, part in (("train", train), ("val", val), ("test", test_all))},
+            }
+            (dest / "hypernet.json").write_text(json.dumps(meta, indent=2))
         if args.docs:
             shutil.copy2(run_dir / "training_curves.png",
                          ROOT / "docs" / "results" / f"learned_{m}_curves.png")
@@ -96,8 +102,8 @@ def main() -> None:
             continue
         t = time.perf_counter()
         ed = cls(model, tok).prepare()
-        rows[b] = {**edit_quality(ed, test, progress=True),
-                   "prepare_seconds": time.perf_counter() - t}
+        prepare = time.perf_counter() - t
+        rows[b] = {**edit_quality(ed, test, progress=True), "prepare_seconds": prepare}
     results["scores"] = rows
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -197,8 +197,13 @@ def test_ke_learns_to_edit_the_fact_world():
     model, tok = load_fact_world()
     reqs = as_requests(FactWorld().records())
     train, val, _ = split_by_subject(reqs, (0.8, 0.1, 0.1), seed=0)
+    hp = KEHyperParams(lstm_hidden=64, head_hidden=32)
+    torch.manual_seed(0)
+    untrained = KE(model, tok, hp, hypernet=KE(model, tok, hp)._build_hypernet())
+    before = edit_quality(untrained, train[:20], n_neighbors=5)
     cfg = KETrainConfig(max_steps=40, batch_size=8, val_every=20, val_size=12, progress=False)
-    editor = KE.train(model, tok, train, val[:12], cfg,
-                      hparams=KEHyperParams(lstm_hidden=64, head_hidden=32))
+    editor = KE.train(model, tok, train, val[:12], cfg, hparams=hp)
     after = edit_quality(editor, train[:20], n_neighbors=5)
-    assert after["es"] >= 0.9 and after["ps"] >= 0.8 and after["ns"] >= 0.5, after
+    # the untrained editor is a normalised gradient step: it moves some facts, not most
+    assert after["es"] >= 0.85 and after["ps"] >= 0.8 and after["ns"] >= 0.6, after
+    assert after["ps"] >= before["ps"] + 0.2, (before, after)

@@ -282,6 +282,30 @@ def test_checkpoint_resume_after_interruption_matches_uninterrupted_run(
     assert [e["step"] for e in log_a] == [e["step"] for e in log_b]
 
 
+def test_early_stopping_keeps_the_best_validated_hypernetwork(bytelevel_tokenizer, monkeypatch):
+    tok = bytelevel_tokenizer
+    reqs = make_requests(12)
+    scores = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1])  # best at the 2nd validation (step 2)
+    seen = {}
+
+    def fake_validate(self):
+        score = next(scores)
+        if score == 0.5:
+            seen["best"] = {k: v.clone() for k, v in self.hypernet.state_dict().items()}
+        return {"edit_nll": score, "loc_kl": 0.0, "score": score}
+
+    monkeypatch.setattr(HypernetTrainer, "validate", fake_validate)
+    cfg = MENDTrainConfig(max_steps=50, batch_size=2, val_every=2, val_size=2, patience=2,
+                          progress=False)
+    editor = MEND.train(tiny_model("gpt2", len(tok)), tok, reqs[:10], reqs[10:], cfg,
+                        hparams=MENDHyperParams(layers=[2], rank=4))
+    summary = editor.training_summary
+    assert summary["stop_reason"] == "early_stopping"
+    assert summary["steps"] == 6 and summary["best_step"] == 2
+    for k, v in editor.hypernet.state_dict().items():
+        assert torch.equal(v, seen["best"][k])
+
+
 def test_optimizer_state_roundtrips_through_tensors_and_json():
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
@@ -332,6 +356,21 @@ def test_load_records_reads_counterfact_json(tmp_path):
     path.write_text(json.dumps(FactWorld().records(5)))
     reqs = load_records(path)
     assert len(reqs) == 5 and all(r.target_true and r.paraphrases for r in reqs)
+
+
+def test_trains_on_zsre_records(bytelevel_tokenizer):
+    tok = bytelevel_tokenizer
+    records = [{"subject": f"River {chr(65 + i)}{i}", "src": f"Which sea does River {chr(65 + i)}{i} "
+                "flow into?", "alt": SPORTS[i % 5], "answers": ["the Baltic"],
+                "rephrase": f"River {chr(65 + i)}{i} flows into which sea?",
+                "loc": "who wrote the song yesterday", "loc_ans": "Paul McCartney"}
+               for i in range(12)]
+    cfg = MENDTrainConfig(max_steps=3, batch_size=4, val_every=3, val_size=3, progress=False)
+    editor = MEND.train(tiny_model("gpt2", len(tok)), tok, records[:9], records[9:], cfg,
+                        hparams=MENDHyperParams(layers=[2], rank=4))
+    assert editor.training_summary["n_train_examples"] == 9
+    assert set(editor.compute_update(EditRequest.from_zsre(records[0])).deltas) == {
+        "transformer.h.2.mlp.c_fc.weight", "transformer.h.2.mlp.c_proj.weight"}
 
 
 def test_cli_trains_and_scores_a_saved_model(tmp_path, bytelevel_tokenizer, capsys):

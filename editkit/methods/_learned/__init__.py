@@ -7,7 +7,8 @@
   logs and curves);
 - :mod:`.io`: hypernetwork directories (safetensors + JSON) and base-model fingerprints;
 - :mod:`.editor`: ``LearnedEditor``, the ``Editor`` base class of MEND and KE;
-- :mod:`.quality`: CounterFact ES / PS / NS of any editor under the independent protocol.
+- :mod:`.quality`: CounterFact ES / PS / NS of any editor under the independent protocol;
+- :mod:`.cli`: the shared implementation of `editkit train-mend` and `editkit train-ke`.
 """
 
 from editkit.methods._learned.data import (

@@ -243,7 +243,9 @@ class LearnedEditor(Editor):
             hparams = cls.hparams_class.from_dict(hparams)
         hparams = dataclasses.replace(hparams, hypernet_path=None)
         editor = cls(model, tokenizer, hparams, adapter)
-        editor.hypernet = editor._build_hypernet().to(next(model.parameters()).device)
+        with torch.random.fork_rng(devices=[]):  # reproducible initialisation, global RNG kept
+            torch.manual_seed(config.seed)
+            editor.hypernet = editor._build_hypernet().to(next(model.parameters()).device)
         editor._prepared = True
 
         train_req = as_requests(train_records)

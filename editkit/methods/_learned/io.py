@@ -80,6 +80,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are shareable artefacts
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
