@@ -50,9 +50,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Methods load lazily through the registry so `import editkit` stays light.
-    for method in list_methods():
-        cls = METHODS.get(method)
-        if cls.__name__ == name:
-            return cls
+    # Methods (``editkit.ROME``, ``editkit.MEND`` ...) load lazily through the registry.
+    if not name.startswith("_"):
+        import importlib
+
+        try:
+            return getattr(importlib.import_module("editkit.methods"), name)
+        except AttributeError:
+            pass
     raise AttributeError(f"module 'editkit' has no attribute {name!r}")
