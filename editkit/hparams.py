@@ -19,6 +19,7 @@ from editkit.errors import InvalidHyperParamsError
 
 logger = logging.getLogger(__name__)
 H = TypeVar("H", bound="HyperParams")
+J = TypeVar("J", bound="JSONDataclass")
 
 
 def model_name(model) -> str:
@@ -28,8 +29,40 @@ def model_name(model) -> str:
     return name.rstrip("/").split("/")[-1].lower()
 
 
+class JSONDataclass:
+    """JSON round trip for dataclasses, stamped with the editkit version; unknown keys warn."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[J], data: Mapping[str, Any]) -> J:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"editkit_version"})
+        if unknown:
+            warnings.warn(f"ignoring unknown {cls.__name__} keys {unknown}", stacklevel=2)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as exc:
+            raise InvalidHyperParamsError(f"{cls.__name__}: {exc}") from exc
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        from editkit import __version__
+
+        text = json.dumps({**self.to_dict(), "editkit_version": __version__}, indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls: type[J], path_or_text: str | Path) -> J:
+        text = str(path_or_text)
+        data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+        return cls.from_dict(data)
+
+
 @dataclasses.dataclass
-class HyperParams:
+class HyperParams(JSONDataclass):
     """Base class: subclass as a dataclass; override ``PUBLISHED``, ``scaled``, ``validate``."""
 
     PUBLISHED: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
@@ -65,32 +98,3 @@ class HyperParams:
                     f"{type(self).__name__}.{name}={value!r} must be a positive number"
                 )
 
-    # ----------------------------------------------------------- round trip
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls: type[H], data: Mapping[str, Any]) -> H:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            warnings.warn(f"ignoring unknown {cls.__name__} keys {unknown}", stacklevel=2)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as exc:
-            raise InvalidHyperParamsError(f"{cls.__name__}: {exc}") from exc
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        from editkit import __version__
-
-        text = json.dumps({**self.to_dict(), "editkit_version": __version__}, indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls: type[H], path_or_text: str | Path) -> H:
-        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
-        data = json.loads(p.read_text() if p is not None else str(path_or_text))
-        data.pop("editkit_version", None)
-        return cls.from_dict(data)

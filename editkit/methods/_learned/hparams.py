@@ -12,15 +12,11 @@ Two dataclasses per method:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import warnings
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from editkit.errors import InvalidHyperParamsError
-from editkit.hparams import HyperParams
+from editkit.hparams import HyperParams, JSONDataclass
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +122,7 @@ class LearnedHyperParams(HyperParams):
 
 
 @dataclasses.dataclass
-class LearnedTrainConfig:
+class LearnedTrainConfig(JSONDataclass):
     """Training configuration of a hypernetwork editor (JSON round-trip, validated).
 
     Data per step: ``batch_size`` edits; each contributes its rewrite prompt and up to
@@ -191,35 +187,6 @@ class LearnedTrainConfig:
             raise InvalidHyperParamsError(
                 f"{type(self).__name__}.min_delta={self.min_delta!r} must be ≥ 0"
             )
-
-    # ----------------------------------------------------------- round trip
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names - {"editkit_version"})
-        if unknown:
-            warnings.warn(f"ignoring unknown {cls.__name__} keys {unknown}", stacklevel=2)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as exc:
-            raise InvalidHyperParamsError(f"{cls.__name__}: {exc}") from exc
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        from editkit import __version__
-
-        text = json.dumps({**self.to_dict(), "editkit_version": __version__}, indent=2)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_json(cls: type[C], path_or_text: str | Path) -> C:
-        text = str(path_or_text)
-        data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
-        return cls.from_dict(data)
 
     def replace(self: C, **changes: Any) -> C:
         return dataclasses.replace(self, **changes)
