@@ -6,28 +6,18 @@ import pytest
 import torch
 
 from editkit import EditRequest
+from editkit.methods._learned.quality import edit_quality
 from editkit.methods.ft import FT, FTL
 from editkit.testbed import FactWorld, load_fact_world
-from editkit.tokens import score_targets
 
 pytestmark = pytest.mark.slow
 
 
 def rates(editor_cls, records, model, tok):
-    es = ps = ns = 0.0
-    for rec in records:
-        req = EditRequest.from_counterfact(rec)
-        editor = editor_cls(model, tok).apply(req)
-        pp, nb = list(req.paraphrases), list(req.neighborhood)[:5]
-        s = score_targets(model, tok, [req.text] * 2, [req.target_new, req.target_true])
-        es += float(s[0] > s[1])
-        s = score_targets(model, tok, pp * 2, [req.target_new] * len(pp) + [req.target_true] * len(pp))
-        ps += float((s[: len(pp)] > s[len(pp):]).float().mean())
-        s = score_targets(model, tok, nb * 2, [req.target_new] * len(nb) + [req.target_true] * len(nb))
-        ns += float((s[: len(nb)] < s[len(nb):]).float().mean())
-        editor.revert()
-    n = len(records)
-    return es / n, ps / n, ns / n
+    """(ES, PS, NS) over ``records``, each edited alone and reverted."""
+    requests = [EditRequest.from_counterfact(r) for r in records]
+    q = edit_quality(editor_cls(model, tok), requests, n_neighbors=5)
+    return q["es"], q["ps"], q["ns"]
 
 
 def test_ft_and_ftl_on_the_fact_world():
