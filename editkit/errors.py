@@ -79,3 +79,7 @@ class HypernetworkMissingError(EditkitError, ValueError):
 
 class HypernetworkMismatchError(EditkitError, ValueError):
     """A saved hypernetwork was trained for another base model or another configuration."""
+
+
+class ModelUnavailableError(EditkitError, ImportError):
+    """A built-in model's files or the packages needed to load them are not installed."""

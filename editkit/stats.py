@@ -19,7 +19,8 @@ Text sources (``texts=``):
 - a named source: ``"wikitext"`` (``wikitext-103-raw-v1`` from the Hugging Face hub, needs
   ``datasets`` and a network or a warm ``datasets`` cache; the default), ``"pydoc"`` (the
   Python documentation shipped with CPython in ``pydoc_data``, always available offline) or
-  ``"fact_world"`` (the corpus of :mod:`editkit.testbed`).
+  ``"fact_world"`` (the corpus of :mod:`editkit.testbed`) or ``"generated"`` (text sampled
+  from the model itself, seeded and cached; needs no data at all, see :func:`generate_texts`).
 
 Results are cached as safetensors (tensor + JSON header with a checksum) under
 ``$EDITKIT_CACHE/stats`` (default ``~/.cache/editkit/stats``), keyed by a hash of (model
@@ -61,6 +62,7 @@ __all__ = [
     "NAMED_SOURCES",
     "TextSource",
     "default_cache_dir",
+    "generate_texts",
     "model_fingerprint",
     "second_moment",
     "text_source",
@@ -71,7 +73,7 @@ __all__ = [
 #: Bumped when the cache file layout or the meaning of a cached value changes.
 CACHE_FORMAT = 1
 #: Named text sources accepted as ``texts=``.
-NAMED_SOURCES = ("wikitext", "pydoc", "fact_world")
+NAMED_SOURCES = ("wikitext", "pydoc", "fact_world", "generated")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
 _HASH_SAMPLE = 1 << 16  # elements hashed per non-key parameter (evenly strided)
@@ -154,6 +156,74 @@ def _fact_world_texts() -> list[str]:
     return FactWorld().texts()
 
 
+#: Openings of the ``"generated"`` source's samples: varied, content-free starts of English
+#: sentences, so the samples cover prose of many kinds rather than one topic.
+GENERATION_OPENINGS = ("The", "In", "A", "It", "When", "This", "One", "There", "After", "Many",
+                       "On", "He", "She", "We", "Some", "If")
+
+
+def _generator_identity(model: nn.Module) -> str:
+    """Which model the ``"generated"`` texts come from: its configuration and its input
+    embeddings. Deliberately blind to edits of the blocks, so that editing a model (which
+    changes its samples only marginally) does not resample its texts and recompute its
+    statistics after every edit."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    _tensor_digest(h, "embedding", model.get_input_embeddings().weight, full=False)
+    return h.hexdigest()[:32]
+
+
+def generate_texts(model: nn.Module, tokenizer: Any, n_texts: int, *, length: int = 128,
+                   seed: int = 0, batch_size: int = 16, cache_dir: str | os.PathLike | None = None,
+                   progress: bool = True) -> list[str]:
+    """``n_texts`` texts of up to ``length`` new tokens sampled from ``model`` itself.
+
+    A statistics source that needs no corpus: pure ancestral sampling (temperature 1, no
+    top-k/top-p truncation) from each of :data:`GENERATION_OPENINGS` in turn, so the keys
+    follow the model's own distribution of text. Seeded and cached as JSON under
+    ``<cache>/generated_texts`` keyed by the model's weights, the tokenizer and the settings.
+    """
+    key = _sha(["generated", _generator_identity(model), tokenizer_fingerprint(tokenizer),
+                n_texts, length, seed])[:24]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "generated_texts"
+    path = root / f"{key}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(cached, list) and len(cached) == n_texts:
+                return [str(t) for t in cached]
+        except (OSError, ValueError):
+            logger.warning("generated-text cache %s is unreadable; sampling again", path)
+    device = next(model.parameters()).device
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out: list[str] = []
+    bar = tqdm(total=n_texts, desc="sampling texts", unit="text", disable=not progress)
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        batch_index = 0
+        while len(out) < n_texts:
+            opening = GENERATION_OPENINGS[batch_index % len(GENERATION_OPENINGS)]
+            rows = min(batch_size, n_texts - len(out))
+            ids = torch.tensor([tokenizer(opening)["input_ids"]] * rows, device=device)
+            with torch.no_grad():
+                sampled = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=length,
+                    pad_token_id=eos if eos is not None else pad_id(tokenizer),
+                )
+            for row in sampled:
+                text = tokenizer.decode(row, skip_special_tokens=True).strip()
+                out.append(text)
+            bar.update(rows)
+            batch_index += 1
+    bar.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(out, f)
+    os.replace(tmp, path)
+    return out
+
+
 def _wikitext_texts() -> Iterable[Any]:
     how = ("pass local text instead: texts=['...', ...], texts='corpus.txt' (documents "
            "separated by blank lines) or texts='corpus.jsonl' (a 'text' field per line), or "
@@ -175,8 +245,12 @@ def _wikitext_texts() -> Iterable[Any]:
     return ds
 
 
-def text_source(texts: Any, n_samples: int) -> TextSource:
+def text_source(texts: Any, n_samples: int, *, model: nn.Module | None = None,
+                tokenizer: Any = None, generated_length: int = 128) -> TextSource:
     """Resolve ``texts`` (see the module docstring) into a :class:`TextSource`.
+
+    ``model`` and ``tokenizer`` are needed only by the ``"generated"`` source, which samples
+    ``n_samples`` texts of ``generated_length`` tokens from the model.
 
     Plain iterables are materialised (their first ``n_samples`` items) so that their content
     can be hashed into the cache key; files are identified by path, size and mtime; datasets
@@ -207,6 +281,14 @@ def text_source(texts: Any, n_samples: int) -> TextSource:
 
             return TextSource(f"fact_world:{FactWorld().fingerprint()[:16]}", "fact-world corpus",
                               _fact_world_texts)
+        if name == "generated":
+            if model is None or tokenizer is None:
+                raise StatsError("texts='generated' samples text from the model: pass model= "
+                                 "and tokenizer= to text_source")
+            ident = _sha(["generated", _generator_identity(model), generated_length])[:24]
+            return TextSource(f"generated:{ident}", "text sampled from the model",
+                              lambda: generate_texts(model, tokenizer, n_samples,
+                                                     length=generated_length))
         raise StatsError(
             f"texts={name!r} is neither an existing file nor a named source {NAMED_SOURCES}; "
             "pass a path to a .txt/.jsonl file, a list of strings or a datasets.Dataset"
@@ -415,7 +497,8 @@ def second_moment(
     if not isinstance(max_length, int) or max_length <= 0:
         raise StatsError(f"max_length={max_length!r} must be a positive integer")
 
-    source = text_source(texts, n_samples)
+    source = text_source(texts, n_samples, model=model, tokenizer=tokenizer,
+                         generated_length=min(max_length, 128))
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
     model_type = str(getattr(model.config, "model_type", "model"))
     common = {

@@ -211,6 +211,37 @@ def test_pydoc_source_works_offline(model_tok, tmp_path):
     assert c.shape == (192, 192) and torch.isfinite(c).all() and c.diagonal().min() > 0
 
 
+def test_generated_source_samples_the_model_seeded_and_cached(model_tok, tmp_path, monkeypatch):
+    from editkit.stats import generate_texts
+
+    model, tok = model_tok
+    monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path / "editkit"))
+    texts = generate_texts(model, tok, 6, length=8, seed=3, batch_size=4, progress=False)
+    assert len(texts) == 6 and all(isinstance(t, str) and t for t in texts)
+    # Same seed → same texts, served from the JSON cache without sampling again.
+    calls = []
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1))
+    assert generate_texts(model, tok, 6, length=8, seed=3, batch_size=4, progress=False) == texts
+    assert not calls
+    monkeypatch.undo()
+    monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path / "editkit"))
+    other = generate_texts(model, tok, 6, length=8, seed=4, batch_size=4, progress=False)
+    assert other != texts
+    # The statistics of texts="generated" are those of the texts sampled with the default seed.
+    c = moment(model, tok, [1], tmp_path, texts="generated", n_samples=6, max_length=8)[1]
+    sampled = generate_texts(model, tok, 6, length=8, progress=False)
+    want = naive_moment(model, tok, 1, sampled, 8)
+    torch.testing.assert_close(c.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_generated_source_needs_the_model():
+    from editkit.errors import StatsError
+    from editkit.stats import text_source
+
+    with pytest.raises(StatsError, match="model="):
+        text_source("generated", 10)
+
+
 def test_errors_name_the_problem(model_tok, tmp_path, monkeypatch):
     model, tok = model_tok
     with pytest.raises(editkit.InvalidHyperParamsError, match="layer=7"):

@@ -18,6 +18,8 @@ from editkit.hparams import HyperParams
 #: The reference's context prefixes: 10 generated prefixes of 5 tokens and 10 of 10 tokens.
 DEFAULT_CONTEXT_LENGTHS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
 FACT_TOKENS = ("subject_last", "last")
+#: SmolLM2-135M's ROME layer (of 30): see docs/smollm2.md for the evidence.
+SMOLLM2_ROME_LAYER = 6
 MOM2_DTYPES = ("float32", "float64")
 
 _COMMON: dict[str, Any] = {
@@ -96,6 +98,10 @@ class ROMEHyperParams(HyperParams):
         "phi-1.5": {**_COMMON, "layer": 5, "v_loss_layer": 23},
         "llama-2-7b": {**_COMMON, "layer": 5, "v_loss_layer": 31},
         "llama-2-7b-hf": {**_COMMON, "layer": 5, "v_loss_layer": 31},
+        # Chosen for editkit from causal tracing and a ROME layer sweep on the shipped real
+        # facts (docs/smollm2.md); statistics from the offline Python docs (no hub here).
+        "smollm2-135m-instruct": {**_COMMON, "layer": SMOLLM2_ROME_LAYER, "v_loss_layer": 29,
+                                  "mom2_dataset": "pydoc", "mom2_max_length": 256},
     }
     #: Tuned on the offline fact world (4 layers, 128 hidden) over the first 50 records,
     #: independent edits (ES / PS / NS): the subject's last token at layer 0 works, later
