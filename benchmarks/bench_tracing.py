@@ -12,11 +12,11 @@ speed-up measured in this one run, on this machine.
 Where the fast tracer's time goes (per restoration of token t at layer l, prompt of T tokens,
 L layers): the straightforward tracer runs all T tokens through all L blocks (and the
 unembedding at every position); the fast one runs only the restoration's cone of influence,
-tokens t..T-1 through the blocks above the restored state (the last block's MLP at the last
-token only), in one batch per token. When both are compute-bound (a CPU, small models), that
-arithmetic ratio — a fifth to a sixth for prompts of 5–10 tokens — bounds the speed-up; the
-rest comes from removing per-forward overhead (3·T·L small forwards per prompt → about T
-batched ones), which dominates on a GPU.
+tokens t..T-1 through the blocks above the restored state (the last block's MLP and attention
+output projection at the last token only), in one batch per token. When both are
+compute-bound (a CPU, small models), that arithmetic ratio — a fifth to a seventh for
+prompts of 5–10 tokens — bounds the speed-up; the rest comes from removing per-forward
+overhead (3·T·L small forwards per prompt → about T batched ones), which dominates on a GPU.
 """
 
 from __future__ import annotations

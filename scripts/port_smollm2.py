@@ -28,11 +28,27 @@ from editkit.testbed.smollm2 import load_smollm2
 OUT = Path(__file__).resolve().parents[1] / "docs" / "smollm2"
 
 
+def facts(args) -> list[dict]:
+    """``args.n`` real facts taken round-robin over the relations (the file is grouped by
+    relation, so its first records would all be capitals)."""
+    records = (json.loads(Path(args.data).read_text()) if args.data else real_facts())
+    by_relation: dict[str, list[dict]] = {}
+    for rec in records:
+        by_relation.setdefault(rec["requested_rewrite"]["relation_id"], []).append(rec)
+    queues = [list(v) for v in by_relation.values()]
+    picked: list[dict] = []
+    while len(picked) < min(args.n, len(records)):
+        for queue in queues:
+            if queue and len(picked) < args.n:
+                picked.append(queue.pop(0))
+    return picked
+
+
 def _trace(args, model, tok) -> None:
     from editkit.tracing import KINDS, aie_by_kind, plots, trace_records
     from editkit.tracing.layers import layer_from_aie
 
-    records = real_facts(args.n)
+    records = facts(args)
     t0 = time.perf_counter()
     traces = trace_records(model, tok, records, kinds=KINDS)
     elapsed = time.perf_counter() - t0
@@ -75,7 +91,7 @@ def _sweep(args, model, tok) -> None:
     trace_file = OUT / "trace" / "suggest_layer.json"
     curve = json.loads(trace_file.read_text())["curve"] if trace_file.is_file() else None
     t0 = time.perf_counter()
-    sweep = layer_sweep("rome", model, tok, real_facts(args.n), layers, hparams=hp,
+    sweep = layer_sweep("rome", model, tok, facts(args), layers, hparams=hp,
                         trace_curve=[curve[i] for i in layers] if curve else None, trace=False)
     out = OUT / "sweep"
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +128,7 @@ def _stats(args, model, tok) -> None:
     from editkit.stats import generate_texts
 
     base = ROMEHyperParams.for_model(model, get_adapter(model))
-    records = real_facts(args.n)
+    records = facts(args)
     t0 = time.perf_counter()
     generate_texts(model, tok, args.generated, length=128)
     gen_seconds = time.perf_counter() - t0
@@ -132,7 +148,7 @@ def _memit_lambda(args, model, tok) -> None:
     from editkit.registry import get_adapter
 
     base = MEMITHyperParams.for_model(model, get_adapter(model))
-    records = real_facts(args.n)
+    records = facts(args)
     results = {}
     for lam in [float(x) for x in args.lambdas.split(",")]:
         hp = dataclasses.replace(base, mom2_update_weight=lam)
@@ -147,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["trace", "sweep", "stats", "memit-lambda"])
     parser.add_argument("--n", type=int, default=None, help="facts (default per stage)")
+    parser.add_argument("--data", default=None, help="CounterFact JSON (default: shipped)")
     parser.add_argument("--layers", default="1,3,5,7,9,12,15,18,22")
     parser.add_argument("--generated", type=int, default=256, help="generated texts for C")
     parser.add_argument("--lambdas", default="1000,15000,100000")

@@ -42,9 +42,17 @@ full forward of ``n`` noise samples per (token, layer, kind): ~3·T·L forwards 
   samples rows), each joining at its own first block; duplicates (windows clipped at the ends)
   are computed once.
 - Tokens before the subject are identical in the clean and corrupted runs, so restoring them
-  changes nothing: their score is P*(o) without a forward.
-- The last block's MLP runs on the last token only, and only that token goes through the final
-  norm and the unembedding.
+  changes nothing: their score is P*(o) without a forward. Likewise a state of the last block
+  at any token but the last feeds nothing that reaches the logits: P*(o).
+- The first block of MLP/attention restorations runs from the first subject token (the last
+  block's from the last token only), earlier tokens' keys and values coming from the cache.
+- The last block's MLP and attention output projection run on the last token only, and only
+  that token goes through the final norm and the unembedding.
+- Overheads are kept per trace, not per batch: the module hooks are installed once and act on
+  whatever batch is running; the block arguments of a suffix forward (masks, positions) are
+  captured once per (start, length) and shared by all prompts of a tracer (checked to depend
+  on the lengths only); the prefix keys/values go in a light cache object; Python's cyclic
+  garbage collector is paused during a trace.
 
 Each shortcut is checked numerically on a model's first prompt and switched off if it does not
 reproduce the model.
@@ -58,6 +66,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
+import gc
 import inspect
 import json
 import logging
@@ -174,6 +184,24 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a ``with`` block (restored afterwards).
+
+    A trace allocates many short-lived Python objects (hook calls, cache objects, argument
+    tuples); each full collection then walks every object of the model and the libraries,
+    about a tenth of a small model's tracing time. Reference counting still frees everything
+    acyclic at once; cycles made meanwhile are collected after the block.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @torch.no_grad()
@@ -523,42 +551,107 @@ def _cache_tensors(output: Any, n_layers: int, n_tokens: int
     return kv if ok else None
 
 
-def _one_layer_cache(layer: int, keys: torch.Tensor, values: torch.Tensor) -> Any:
-    """A ``DynamicCache`` holding ``keys``/``values`` for block ``layer`` only."""
+def _prefix_cache(keys: torch.Tensor, values: torch.Tensor) -> Any:
+    """A ``transformers`` cache for one block call holding the keys/values of the tokens before
+    the ones being run: the attention gets them with its own tokens' keys/values appended.
+    Nothing is stored, so building one is cheap (no per-layer objects)."""
+    return _prefix_cache_class()(keys, values)
+
+
+@functools.cache
+def _prefix_cache_class() -> type:
     from transformers import DynamicCache
 
-    return DynamicCache(ddp_cache_data=[(None, None)] * layer + [(keys, values)])
+    class PrefixCache(DynamicCache):
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.prefix = (keys, values)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = self.prefix
+            return (torch.cat([keys, key_states], dim=-2),
+                    torch.cat([values, value_states], dim=-2))
+
+    return PrefixCache
 
 
-class _ModuleHook:
-    """Edits an MLP/attention output (restore / freeze); with ``trim``, the module runs on the
-    last position only and its output is zero-padded back to full length (the last block's
-    MLP: only its last position reaches the logits; position-wise, so exact there)."""
+def _same_calls(a: Any, b: Any) -> bool:
+    """Whether two captured block calls are the same (tensors equal; cache objects ignored)."""
+    from transformers.cache_utils import Cache
 
-    def __init__(self, edit, slot: str, layer: int, trim: bool) -> None:
-        self.edit, self.slot, self.layer, self.trim = edit, slot, layer, trim
-        self.length = 0
+    if isinstance(a, Cache) and isinstance(b, Cache):
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(map(_same_calls, a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_calls(a[k], b[k]) for k in a)
+    try:
+        return bool(a == b)
+    except Exception:  # incomparable objects: do not share
+        return False
 
-    def register(self, module: nn.Module) -> list[Any]:
-        handles = [module.register_forward_hook(self.after)]
-        if self.trim:
-            handles.append(module.register_forward_pre_hook(self.before, with_kwargs=True))
-        return handles
 
-    def before(self, module, args, kwargs):
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
-            self.length = args[0].shape[1]
-            return (args[0][:, -1:], *args[1:]), kwargs
-        self.length = 0  # unexpected call signature: run in full
-        return None
+class _BatchHooks:
+    """Hooks on every MLP and attention module for the duration of one trace.
 
-    def after(self, module, args, output):
+    They pass everything through until ``edit`` is set. Then every MLP/attention output goes
+    through ``edit(slot, layer, h)`` (restore / freeze rows at one token), and the modules in
+    ``trim`` (the last block's MLP and attention output projection: position-wise, and only the
+    last position of the last block reaches the logits) run on the last position only, their
+    output zero-padded back to full length. Installed once per trace rather than per batch.
+    """
+
+    def __init__(self) -> None:
+        self.edit: Any = None
+        self.trim: set[str] = set()
+        self._length: dict[str, int] = {}
+        self._handles: list[Any] = []
+
+    def install(self, edited: Mapping[tuple[str, int], nn.Module],
+                trimmed: Mapping[str, nn.Module]) -> None:
+        for name, module in trimmed.items():  # before the edit hooks: they see full length
+            self._handles.append(module.register_forward_pre_hook(
+                functools.partial(self._trim_input, name)))
+            self._handles.append(module.register_forward_hook(
+                functools.partial(self._pad_output, name)))
+        for (slot, layer), module in edited.items():
+            self._handles.append(module.register_forward_hook(
+                functools.partial(self._edit_output, slot, layer)))
+        self.trim = set(trimmed)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _trim_input(self, name: str, module, args):
+        self._length[name] = 0
+        if self.edit is None or name not in self.trim or not args:
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] == 1:
+            return None  # unexpected call signature or nothing to trim: run in full
+        self._length[name] = x.shape[1]
+        return (x[:, -1:], *args[1:])
+
+    def _pad_output(self, name: str, module, args, output):
+        length = self._length.pop(name, 0)
         h = hidden_of(output)
-        if self.trim and self.length and h.shape[1] == 1:
-            full = h.new_zeros(h.shape[0], self.length, h.shape[2])
-            full[:, -1:] = h
-            h = full
-        return with_hidden(output, self.edit(self.slot, self.layer, h))
+        if not length or h.shape[1] != 1:
+            return None
+        full = h.new_zeros(h.shape[0], length, *h.shape[2:])
+        full[:, -1:] = h
+        return with_hidden(output, full)
+
+    def _edit_output(self, slot: str, layer: int, module, args, output):
+        if self.edit is None:
+            return None
+        h = hidden_of(output)
+        new = self.edit(slot, layer, h)
+        return None if new is h else with_hidden(output, new)
 
 
 def answer_probs(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
@@ -579,8 +672,9 @@ class _Runs:
     calls: list[Call]                          # block calls of the full prompt (no cache)
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # corrupted keys/values per layer
     suffix_calls: dict[tuple[int, int], list[Call]] = field(default_factory=dict)
-    # (slot, layer) -> block output (n, T, d) with the slot's output restored at every token
-    first_block: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    # (slot, layer, lo) -> block output (n, T - lo, d), tokens lo.., with the slot's output
+    # restored at every token
+    first_block: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -633,6 +727,13 @@ class CausalTracer:
     verify: bool = True
     _verified: bool = field(default=False, init=False, repr=False)
     _first_block_ok: bool = field(default=True, init=False, repr=False)
+    _trim_attn_ok: bool = field(default=True, init=False, repr=False)
+    _hooks: _BatchHooks | None = field(default=None, init=False, repr=False)
+    # block calls of a forward over tokens start:start+length after a cached prefix, shared by
+    # the prompts of this tracer (they depend on the lengths only; checked on first reuse)
+    _span_calls: dict[tuple[int, int], list[Call]] = field(default_factory=dict, init=False,
+                                                           repr=False)
+    _share_calls: bool | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from editkit.registry import get_adapter
@@ -650,6 +751,7 @@ class CausalTracer:
         self.n_layers = self.adapter.num_layers(self.model)
         self._cache_arg = _cache_argument(self.model) if self.reuse_prefix else None
         self._first_block_ok = self.first_blocks
+        self._blocks = self.adapter.blocks(self.model)
 
     # ------------------------------------------------------------------ public
     @property
@@ -675,11 +777,12 @@ class CausalTracer:
         kinds = check_kinds(kinds)
         window = _check_window(window, self.n_layers)
         tp = self.prepare(prompt, subject, target)
-        with _eval_mode(self.model):
+        with _eval_mode(self.model), _gc_paused():
             runs = self._runs(tp)
-            if self.verify and not self._verified:
-                self._check_partial_forward(tp, runs)
-            scores = self._restorations(tp, runs, kinds, window)
+            with self._hooked():
+                if self.verify and not self._verified:
+                    self._check_partial_forward(tp, runs)
+                scores = self._restorations(tp, runs, kinds, window)
         return {
             k: TraceResult(
                 kind=k, scores=scores[k], p_clean=runs.p_clean, p_corrupt=runs.p_corrupt,
@@ -691,6 +794,28 @@ class CausalTracer:
             )
             for k in kinds
         }
+
+    @contextlib.contextmanager
+    def _hooked(self) -> Iterator[_BatchHooks]:
+        """Install the batch hooks (:class:`_BatchHooks`) for the duration of a ``with``."""
+        if self._hooks is not None:  # already installed by an enclosing call
+            yield self._hooks
+            return
+        L, model, adapter = self.n_layers, self.model, self.adapter
+        edited = {(slot, layer): adapter.module(model, slot, layer)
+                  for layer in range(L) for slot in ("mlp", "attn")}
+        trimmed = {"mlp": edited[("mlp", L - 1)]}
+        if self._trim_attn_ok:
+            with contextlib.suppress(Exception):  # a family without an output projection slot
+                trimmed["attn_out"] = adapter.module(model, "attn_out", L - 1)
+        hooks = _BatchHooks()
+        self._hooks = hooks
+        try:
+            hooks.install(edited, trimmed)
+            yield hooks
+        finally:
+            hooks.remove()
+            self._hooks = None
 
     # ------------------------------------------------------------- clean / corrupted
     def _names(self, slot: str) -> list[str]:
@@ -745,6 +870,9 @@ class CausalTracer:
         if start > 0 and (runs.kv is None or self._cache_arg is None):
             return None
         key = (start, length)
+        shared = self._span_calls.get(key) if self._share_calls is not False else None
+        if key not in runs.suffix_calls and shared is not None and self._share_calls:
+            runs.suffix_calls[key] = shared
         if key not in runs.suffix_calls:
             ids = torch.tensor([tp.input_ids[start:start + length]],
                                device=_model_device(self.model))
@@ -764,6 +892,13 @@ class CausalTracer:
                             "prompts", exc)
                 self._cache_arg = None
                 return None
+            if shared is not None:  # first reuse of another prompt's calls: check it once
+                self._share_calls = all(  # the hidden states (first argument) aside
+                    _same_calls((a[1:], kw), (b[1:], kw_b)) for (a, kw), (b, kw_b)
+                    in zip(shared, runs.suffix_calls[key], strict=True))
+                if not self._share_calls:
+                    logger.info("block calls depend on the prompt's tokens: not shared")
+            self._span_calls[key] = runs.suffix_calls[key]
         return runs.suffix_calls[key]
 
     def _suffix(self, tp: TracePrompt, runs: _Runs, token: int) -> tuple[int, list[Call]]:
@@ -786,6 +921,8 @@ class CausalTracer:
                 for layer in range(L):
                     layers = (layer,) if slot == "block" else tuple(
                         window_layers(layer, window, L))
+                    if layers[0] == L - 1 and t < tp.n_tokens - 1:
+                        continue  # the last block's states of t feed no later token: no effect
                     r = _Restore(slot, t, layers, freeze, layer if freeze else -1)
                     cells[kind][(t, layer)] = r
                     unique[r] = None
@@ -799,34 +936,41 @@ class CausalTracer:
             return r.layers[0] + 1
         return r.entry
 
-    def _first_block(self, runs: _Runs, slot: str, layer: int) -> torch.Tensor:
+    def _first_block(self, tp: TracePrompt, runs: _Runs, slot: str, layer: int, token: int
+                     ) -> tuple[int, torch.Tensor]:
         """Block ``layer``'s output in the corrupted run with ``slot``'s output restored at
-        *every* token at once, (n, T, d).
+        *every* token at once: ``(lo, out)`` with ``out`` (n, T − lo, d) for tokens lo..T-1.
 
         Its token t is the block output of the restoration "``slot`` at t from ``layer``":
         within a block, MLP and attention outputs only feed their own token's residual stream
         (the attention mixes tokens before its output, the MLP is per token), so restoring the
         other tokens too does not change token t. One forward per (slot, layer) thus replaces
-        the first block of every such restoration (checked numerically on first use).
+        the first block of every such restoration (checked numerically on first use). It runs
+        from the first subject token (earlier tokens are never restored; their keys/values come
+        from the corrupted run), in the last block from ``token`` (only the last token's
+        restorations there have an effect).
         """
-        key = (slot, layer)
+        start = token if layer == self.n_layers - 1 else min(token, tp.subject_range[0])
+        lo, calls = self._suffix(tp, runs, start)
+        key = (slot, layer, lo)
         if key not in runs.first_block:
             clean = runs.clean[slot][layer]
 
-            def restore(module, args, output):
-                h = hidden_of(output).clone()
-                h[:] = clean.to(h.dtype)
-                return with_hidden(output, h)
+            def restore(s: str, i: int, h: torch.Tensor) -> torch.Tensor:
+                if (s, i) != (slot, layer):
+                    return h
+                return clean[clean.shape[0] - h.shape[1]:].to(h.dtype).expand_as(h).clone()
 
-            module = self.adapter.module(self.model, slot, layer)
-            handle = module.register_forward_hook(restore)
-            try:
-                h = runs.corrupt_in[layer]
-                samples = torch.arange(h.shape[0], device=h.device)
-                runs.first_block[key] = self._block(layer, h, runs.calls, runs, samples, 0)
-            finally:
-                handle.remove()
-        return runs.first_block[key]
+            with self._hooked() as hooks:
+                saved = hooks.edit, hooks.trim
+                hooks.edit, hooks.trim = restore, set()  # every token: nothing trimmed
+                try:
+                    h = runs.corrupt_in[layer][:, lo:]
+                    samples = torch.arange(h.shape[0], device=h.device)
+                    runs.first_block[key] = self._block(layer, h, calls, runs, samples, lo)
+                finally:
+                    hooks.edit, hooks.trim = saved
+        return lo, runs.first_block[key]
 
     def _batches(self, restorations: Iterable[_Restore], first_block: bool
                  ) -> list[list[_Restore]]:
@@ -854,7 +998,7 @@ class CausalTracer:
         for kind in kinds:
             scores = np.full((tp.n_tokens, self.n_layers), runs.p_corrupt, dtype=np.float64)
             for (t, layer), r in cells[kind].items():
-                scores[t, layer] = value[r]
+                scores[t, layer] = value[r]  # cells not planned: no effect, P*(o)
             out[kind] = scores
         return out
 
@@ -907,7 +1051,7 @@ class CausalTracer:
         if first_block:  # computed before any of this batch's hooks is in place
             for r in batch:
                 if r.slot in ("mlp", "attn"):
-                    self._first_block(runs, r.slot, r.layers[0])
+                    self._first_block(tp, runs, r.slot, r.layers[0], token)
 
         def enter(layer: int, lo: int, hi: int) -> torch.Tensor:
             """Rows ``lo:hi`` joining at block ``layer`` (``L``: after the last block)."""
@@ -921,31 +1065,26 @@ class CausalTracer:
                 if r.slot == "block":  # the clean hidden state itself
                     fresh[rows, pos] = runs.clean["block"][layer - 1][token].to(fresh.dtype)
                 else:  # the first block's output with the MLP/attention output restored
-                    fresh[rows, pos] = self._first_block(runs, r.slot, layer - 1)[
-                        :, token].to(fresh.dtype)
+                    start, out = self._first_block(tp, runs, r.slot, layer - 1, token)
+                    fresh[rows, pos] = out[:, token - start].to(fresh.dtype)
             return fresh
 
-        last_mlp = self.adapter.module(self.model, "mlp", L - 1)
-        handles = []
         h: torch.Tensor | None = None
         active = 0
-        try:
-            for slot, layer in set(restore) | set(freeze) | {("mlp", L - 1)}:
-                module = self.adapter.module(self.model, slot, layer)
-                hook = _ModuleHook(apply, slot, layer, trim=module is last_mlp)
-                handles += hook.register(module)
-            for layer in range(entries[0], L + 1):
-                joined = n * bisect.bisect_right(entries, layer)
-                if joined > active:  # restorations entering here join the batch
-                    fresh = enter(layer, active, joined)
-                    h = fresh if h is None else torch.cat([h, fresh])
-                    active = joined
-                if layer == L:
-                    break
-                h = self._block(layer, h, calls, runs, sample[:active], offset)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with self._hooked() as hooks:
+            hooks.edit = apply
+            try:
+                for layer in range(entries[0], L + 1):
+                    joined = n * bisect.bisect_right(entries, layer)
+                    if joined > active:  # restorations entering here join the batch
+                        fresh = enter(layer, active, joined)
+                        h = fresh if h is None else torch.cat([h, fresh])
+                        active = joined
+                    if layer == L:
+                        break
+                    h = self._block(layer, h, calls, runs, sample[:active], offset)
+            finally:
+                hooks.edit = None
         return self._head(h[:, -1:], tp.answer_id).view(len(batch), n).mean(dim=1)
 
     def _block(self, layer: int, h: torch.Tensor, calls: list[Call], runs: _Runs,
@@ -955,10 +1094,10 @@ class CausalTracer:
         args, kwargs = _expand_batch(calls[layer], h.shape[0])
         if prefix:
             k, v = runs.kv[layer]
-            cache = _one_layer_cache(layer, k[samples].narrow(-2, 0, prefix),
-                                     v[samples].narrow(-2, 0, prefix))
+            cache = _prefix_cache(k.narrow(-2, 0, prefix)[samples],
+                                  v.narrow(-2, 0, prefix)[samples])
             args, kwargs = _swap_cache((args, kwargs), cache)
-        return hidden_of(self.adapter.blocks(self.model)[layer](h, *args[1:], **kwargs))
+        return hidden_of(self._blocks[layer](h, *args[1:], **kwargs))
 
     def _head(self, last_hidden: torch.Tensor, answer_id: int) -> torch.Tensor:
         norm = self.adapter.module(self.model, "final_norm")
@@ -979,7 +1118,28 @@ class CausalTracer:
         def close(p: float, q: float) -> bool:
             return abs(p - q) <= 1e-5 * max(1.0, abs(q)) + 1e-6
 
+        def replay() -> float:
+            try:
+                return float(self._run_batch(tp, runs, [_Restore("none", 0, (0,))])[0])
+            except Exception as exc:  # e.g. a trimmed module that needs every position
+                logger.info("block-by-block replay failed (%s)", exc)
+                return math.nan
+
         b = tp.subject_range[0]
+        p = replay()
+        if not close(p, runs.p_corrupt) and self._hooks is not None \
+                and "attn_out" in self._hooks.trim:
+            logger.info("trimming the last attention output projection does not reproduce "
+                        "this model; off")
+            self._trim_attn_ok = False
+            self._hooks.trim.discard("attn_out")
+            p = replay()
+        if not close(p, runs.p_corrupt):
+            raise UnsupportedModelError(
+                f"the block-by-block forward of this {self.adapter.name} model gives "
+                f"P={p:.6g} but the full forward gives P={runs.p_corrupt:.6g}; its forward "
+                "does more than run the blocks in order; use editkit.tracing.naive.trace_naive"
+            )
         for t in range(max(b, 1), tp.n_tokens):
             if self._cache_arg is None:
                 break
@@ -995,13 +1155,6 @@ class CausalTracer:
                                "%.6g); tracing whole prompts instead", self.adapter.name, p,
                                runs.p_corrupt)
                 self._cache_arg = None
-        p = float(self._run_batch(tp, runs, [_Restore("none", 0, (0,))])[0])
-        if not close(p, runs.p_corrupt):
-            raise UnsupportedModelError(
-                f"the block-by-block forward of this {self.adapter.name} model gives "
-                f"P={p:.6g} but the full forward gives P={runs.p_corrupt:.6g}; its forward "
-                "does more than run the blocks in order; use editkit.tracing.naive.trace_naive"
-            )
         if self._first_block_ok:
             for t in range(b, tp.n_tokens):
                 probe = [_Restore("mlp", t, (0,)), _Restore("attn", t, (0,))]
