@@ -92,7 +92,7 @@ def _sweep(args, model, tok) -> None:
     curve = json.loads(trace_file.read_text())["curve"] if trace_file.is_file() else None
     t0 = time.perf_counter()
     sweep = layer_sweep("rome", model, tok, facts(args), layers, hparams=hp,
-                        trace_curve=[curve[i] for i in layers] if curve else None, trace=False)
+                        trace_curve=curve, trace=False)
     out = OUT / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     sweep.save(out / "layer_sweep_rome.json")

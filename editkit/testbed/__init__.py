@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from editkit.testbed.real_facts import real_facts, real_facts_meta, real_facts_path
 from editkit.testbed.train import (
     META_FILE,
     TrainSettings,
@@ -50,6 +51,9 @@ __all__ = [
     "is_valid_model_dir",
     "load_fact_world",
     "package_data_dir",
+    "real_facts",
+    "real_facts_meta",
+    "real_facts_path",
     "score_candidates",
     "train_fact_world",
     "world_fingerprint",
