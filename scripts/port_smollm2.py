@@ -91,12 +91,13 @@ def _sweep(args, model, tok) -> None:
     trace_file = OUT / "trace" / "suggest_layer.json"
     curve = json.loads(trace_file.read_text())["curve"] if trace_file.is_file() else None
     t0 = time.perf_counter()
-    sweep = layer_sweep("rome", model, tok, facts(args), layers, hparams=hp,
+    sweep = layer_sweep("rome", model, tok, facts(args)[args.skip:], layers, hparams=hp,
                         trace_curve=curve, trace=False)
     out = OUT / "sweep"
     out.mkdir(parents=True, exist_ok=True)
-    sweep.save(out / "layer_sweep_rome.json")
-    plots.plot_layer_sweep(sweep, out / "layer_sweep_rome")
+    name = f"layer_sweep_rome{args.tag}"
+    sweep.save(out / f"{name}.json")
+    plots.plot_layer_sweep(sweep, out / name)
     print(f"ROME sweep over {sweep.n_records} facts in {time.perf_counter() - t0:.0f}s")
     for i, lay in enumerate(sweep.layers):
         print(f"  layer {lay:2d}: ES {sweep.efficacy[i]:.3f}  PS {sweep.paraphrase[i]:.3f}  "
@@ -163,6 +164,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=["trace", "sweep", "stats", "memit-lambda"])
     parser.add_argument("--n", type=int, default=None, help="facts (default per stage)")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first SKIP facts")
+    parser.add_argument("--tag", default="", help="suffix of the sweep's output files")
     parser.add_argument("--data", default=None, help="CounterFact JSON (default: shipped)")
     parser.add_argument("--layers", default="1,3,5,7,9,12,15,18,22")
     parser.add_argument("--generated", type=int, default=256, help="generated texts for C")

@@ -7,14 +7,11 @@ from typing import Any, ClassVar
 
 from editkit.errors import InvalidHyperParamsError
 from editkit.hparams import HyperParams
-from editkit.methods.rome.hparams import (
-    DEFAULT_CONTEXT_LENGTHS,
-    SMOLLM2_ROME_LAYER,
-    ROMEHyperParams,
-)
+from editkit.methods.rome.hparams import DEFAULT_CONTEXT_LENGTHS, ROMEHyperParams
 
-#: MEMIT's λ for SmolLM2-135M (docs/smollm2.md).
-SMOLLM2_MEMIT_LAMBDA = 15_000.0
+#: MEMIT's layers and λ for SmolLM2-135M (docs/smollm2.md).
+SMOLLM2_MEMIT_LAYERS = (1, 2, 3, 4, 5)
+SMOLLM2_MEMIT_LAMBDA = 100.0
 
 _COMMON: dict[str, Any] = {
     "v_lr": 0.5,
@@ -67,10 +64,11 @@ class MEMITHyperParams(HyperParams):
                     "v_loss_layer": 47, "mom2_update_weight": 20_000.0},
         "gpt-j-6b": {**_COMMON, "layers": (3, 4, 5, 6, 7, 8), "v_num_grad_steps": 25,
                      "v_loss_layer": 27, "mom2_update_weight": 15_000.0},
-        # editkit's choice for SmolLM2-135M (docs/smollm2.md): five layers ending at its ROME
-        # layer, as MEMIT's GPT-2 XL range 13–17 ends at ROME's 17; λ from a small sweep.
+        # editkit's choice for SmolLM2-135M (docs/smollm2.md): the early MLP site that
+        # causal tracing finds at the subject's last token (layers 0-3) and the layers where a
+        # ROME sweep edits well; λ from a small sweep.
         "smollm2-135m-instruct": {
-            **_COMMON, "layers": tuple(range(SMOLLM2_ROME_LAYER - 4, SMOLLM2_ROME_LAYER + 1)),
+            **_COMMON, "layers": SMOLLM2_MEMIT_LAYERS,
             "v_loss_layer": 29, "mom2_update_weight": SMOLLM2_MEMIT_LAMBDA,
             "mom2_dataset": "pydoc", "mom2_max_length": 256},
     }

@@ -19,7 +19,7 @@ from editkit.hparams import HyperParams
 DEFAULT_CONTEXT_LENGTHS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
 FACT_TOKENS = ("subject_last", "last")
 #: SmolLM2-135M's ROME layer (of 30): see docs/smollm2.md for the evidence.
-SMOLLM2_ROME_LAYER = 6
+SMOLLM2_ROME_LAYER = 3
 MOM2_DTYPES = ("float32", "float64")
 
 _COMMON: dict[str, Any] = {
