@@ -26,7 +26,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--layers", nargs="+", required=True,
                    help="layer indices, or 'all' for every layer (computed in one pass)")
     p.add_argument("--texts", default=None,
-                   help="text source: 'wikitext' (hub), 'pydoc' (offline), 'fact_world', or a "
+                   help="text source: 'wikitext' (hub), 'pydoc' (offline), 'fact_world', "
+                        "'generated' (sampled from the model, --n-samples texts), or a "
                         ".txt/.jsonl file; default wikitext (fact_world for the fact world)")
     p.add_argument("--n-samples", type=int, default=100_000, help="texts to read (default 100000)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text")

@@ -55,8 +55,9 @@ class ROMEHyperParams(HyperParams):
         kl_factor: Weight of the essence-drift term ``KL(p(·|"{s} is a") after ‖ before)``.
         v_early_stop_loss: Stop the δ optimisation once the total loss falls below this.
         mom2_adjustment: Use ``u = C⁻¹k*`` (True, the paper) or plain ``u = k*``.
-        mom2_dataset: Text source of C: ``"wikitext"``, ``"pydoc"``, ``"fact_world"`` or a
-            path to a local .txt/.jsonl file (see ``editkit.stats``).
+        mom2_dataset: Text source of C: ``"wikitext"``, ``"pydoc"``, ``"fact_world"``,
+            ``"generated"`` (text sampled from the model) or a path to a local .txt/.jsonl
+            file (see ``editkit.stats``).
         mom2_n_samples: Number of texts for C.
         mom2_max_length: Tokens per text for C (``None``: min(context length, 1024)).
         mom2_dtype: Precision C is kept in (``float32`` as in the reference, or ``float64``).
@@ -217,7 +218,7 @@ class ROMEHyperParams(HyperParams):
                 )
         if not isinstance(self.mom2_dataset, str) or not self.mom2_dataset:
             raise InvalidHyperParamsError(
-                f"mom2_dataset={self.mom2_dataset!r}; use 'wikitext', 'pydoc', 'fact_world' or "
+                f"mom2_dataset={self.mom2_dataset!r}; use 'wikitext', 'pydoc', 'fact_world', 'generated' or "
                 "a path to a .txt/.jsonl file"
             )
 
