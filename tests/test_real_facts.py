@@ -101,3 +101,13 @@ def test_model_knows_the_facts(records):
                + [r["requested_rewrite"]["target_new"]["str"] for r in sample])
     scores = score_targets(model, tok, prompts, targets).view(2, len(sample))
     assert bool((scores[0] > scores[1]).all()), scores
+
+
+def test_evaluation_harness_loads_them_by_name():
+    from editkit.eval.datasets import load_counterfact
+    from editkit.testbed.real_facts import real_facts
+
+    records = load_counterfact("realfacts", n=20)
+    assert len(records) == 20
+    assert [r.request.subject for r in records] == [
+        rec["requested_rewrite"]["subject"] for rec in real_facts(20)]

@@ -7,7 +7,7 @@
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more threads than free cores is far slower
 OUT=docs/results/smollm2
-DATA=$(python -c "from editkit.testbed.real_facts import real_facts_path; print(real_facts_path())")
+DATA=realfacts
 N=${N:-50}
 METHODS=("${@:-ft ft_l rome memit}")
 for method in ${METHODS[@]}; do

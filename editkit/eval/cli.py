@@ -32,10 +32,12 @@ def add_parser(subparsers: Any) -> None:
                     "and write results.json, report.md (and retention.png for sequential runs).",
     )
     p.add_argument("--model", required=True,
-                   help="'factworld' or a save_pretrained directory containing the tokenizer")
+                   help="'factworld', 'smollm2' or a save_pretrained directory containing the "
+                        "tokenizer")
     p.add_argument("--method", required=True, help="registered method name (ft, ft_l, rome, ...)")
     p.add_argument("--data", required=True,
-                   help="'factworld', a CounterFact/zsRE .json or .jsonl file, or hub:<name>")
+                   help="'factworld', 'realfacts' (real facts SmolLM2 knows), a CounterFact/zsRE "
+                        ".json or .jsonl file, or hub:<name>")
     p.add_argument("--format", default="auto", choices=("auto", "counterfact", "zsre"),
                    help="record format (default: detected from the first record)")
     p.add_argument("--split", default=None, help="hub split (default train)")

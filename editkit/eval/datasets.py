@@ -328,7 +328,8 @@ def load_dataset(source: str | Path | Sequence[Any], kind: str = "auto", n: int 
     """Load evaluation records from a file, the fact world, the hub, or a list of dicts.
 
     Args:
-        source: a ``.json``/``.jsonl`` path; ``"factworld"``; ``"hub:<name>"`` (optionally
+        source: a ``.json``/``.jsonl`` path; ``"factworld"``; ``"realfacts"`` (the shipped
+            real facts SmolLM2 knows, :mod:`editkit.testbed.real_facts`); ``"hub:<name>"`` (optionally
             ``"hub:<name>:<split>"``); or a sequence of raw records / ``EvalRecord``\\ s.
         kind: ``"counterfact"``, ``"zsre"`` or ``"auto"`` (from the first record's keys).
         n: keep the first ``n`` records (the fact world draws a fixed random ``n`` with
@@ -341,6 +342,10 @@ def load_dataset(source: str | Path | Sequence[Any], kind: str = "auto", n: int 
             from editkit.testbed import FactWorld
 
             return parse_records(FactWorld().records(n, seed=seed), "counterfact")
+        if text in ("realfacts", "real_facts"):
+            from editkit.testbed.real_facts import real_facts
+
+            return parse_records(real_facts(n), "counterfact")
         if text.startswith("hub:"):
             name, _, hub_split = text[4:].partition(":")
             return parse_records(hub_records(name, hub_split or split), kind, n, zsre_target)
