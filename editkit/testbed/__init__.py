@@ -70,13 +70,11 @@ def package_data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """The editkit cache root: ``$EDITKIT_CACHE``, else ``$XDG_CACHE_HOME/editkit``,
-    else ``~/.cache/editkit``."""
-    if os.environ.get("EDITKIT_CACHE"):
-        return Path(os.environ["EDITKIT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "editkit"
-    return Path.home() / ".cache" / "editkit"
+    """The editkit cache root (:func:`editkit.stats.default_cache_dir`): ``$EDITKIT_CACHE``,
+    else ``$XDG_CACHE_HOME/editkit``, else ``~/.cache/editkit``."""
+    from editkit.stats import default_cache_dir
+
+    return default_cache_dir()
 
 
 def _expected(
