@@ -289,6 +289,7 @@ WORKER = textwrap.dedent("""
         json.dump({"texts": sum(rows)}, f)
     if int(rank) == 0:
         save_file({f"l{k}": v for k, v in res.items()}, out)
+    torch.distributed.barrier()  # neither rank tears gloo down while the other still talks
     torch.distributed.destroy_process_group()
 """)
 
