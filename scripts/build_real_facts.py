@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from editkit.testbed.real_facts import interleave_relations
+
 CANDIDATES = Path(__file__).resolve().with_name("real_facts_candidates.json")
 PLACEHOLDER = "{}"
 ARTICLE = "the "
@@ -351,20 +353,6 @@ def _check_against_score_targets(scorer: Scorer, facts: list[Fact]) -> None:
 
 
 # ----------------------------------------------------------------------- main
-def interleave_relations(records: list[dict]) -> list[dict]:
-    """Order records round-robin over relations and renumber ``case_id`` 0..n-1, so that the
-    first n records of the file (``--n`` of the evaluation harness) cover every relation."""
-    queues: dict[str, list[dict]] = {}
-    for rec in records:
-        queues.setdefault(rec["requested_rewrite"]["relation_id"], []).append(rec)
-    ordered: list[dict] = []
-    while any(queues.values()):
-        for queue in queues.values():
-            if queue:
-                ordered.append(queue.pop(0))
-    return [{**rec, "case_id": i} for i, rec in enumerate(ordered)]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Filter the candidates with the model and write the records; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__,

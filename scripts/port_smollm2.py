@@ -22,26 +22,17 @@ import numpy as np
 import torch
 
 from editkit.requests import EditRequest
-from editkit.testbed.real_facts import real_facts
+from editkit.testbed.real_facts import interleave_relations, real_facts
 from editkit.testbed.smollm2 import load_smollm2
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "smollm2"
 
 
 def facts(args) -> list[dict]:
-    """``args.n`` real facts taken round-robin over the relations (the file is grouped by
-    relation, so its first records would all be capitals)."""
-    records = (json.loads(Path(args.data).read_text()) if args.data else real_facts())
-    by_relation: dict[str, list[dict]] = {}
-    for rec in records:
-        by_relation.setdefault(rec["requested_rewrite"]["relation_id"], []).append(rec)
-    queues = [list(v) for v in by_relation.values()]
-    picked: list[dict] = []
-    while len(picked) < min(args.n, len(records)):
-        for queue in queues:
-            if queue and len(picked) < args.n:
-                picked.append(queue.pop(0))
-    return picked
+    """The first ``args.n`` real facts taken round-robin over the relations (the shipped file
+    is already in that order; a ``--data`` file may be grouped by relation)."""
+    records = json.loads(Path(args.data).read_text()) if args.data else real_facts()
+    return interleave_relations(records)[: args.n]
 
 
 def _trace(args, model, tok) -> None:

@@ -111,3 +111,15 @@ def test_evaluation_harness_loads_them_by_name():
     assert len(records) == 20
     assert [r.request.subject for r in records] == [
         rec["requested_rewrite"]["subject"] for rec in real_facts(20)]
+
+
+def test_shipped_records_are_interleaved_by_relation():
+    from editkit.testbed.real_facts import interleave_relations, real_facts
+
+    records = real_facts()
+    assert interleave_relations(records) == records  # already in round-robin order
+    relations = {r["requested_rewrite"]["relation_id"] for r in records}
+    first = {r["requested_rewrite"]["relation_id"] for r in records[: len(relations)]}
+    assert first == relations
+    grouped = sorted(records, key=lambda r: r["requested_rewrite"]["relation_id"])
+    assert [r["case_id"] for r in interleave_relations(grouped)] == list(range(len(records)))

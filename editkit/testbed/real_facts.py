@@ -25,7 +25,7 @@ from typing import Any
 
 from editkit.errors import DatasetFormatError
 
-__all__ = ["real_facts", "real_facts_meta", "real_facts_path"]
+__all__ = ["interleave_relations", "real_facts", "real_facts_meta", "real_facts_path"]
 
 
 def real_facts_path() -> Path:
@@ -51,8 +51,9 @@ def real_facts(n: int | None = None) -> list[dict[str, Any]]:
     """The shipped CounterFact records, in ``case_id`` order (fresh dicts, safe to mutate).
 
     Args:
-        n: Return only the first ``n`` records (records are grouped by relation, so a
-            small ``n`` covers few relations); ``None`` returns all of them.
+        n: Return only the first ``n`` records (records are interleaved by relation, see
+            :func:`interleave_relations`, so the first 14 cover every relation); ``None``
+            returns all of them.
 
     Raises:
         ValueError: ``n`` is negative.
@@ -68,6 +69,21 @@ def real_facts(n: int | None = None) -> list[dict[str, Any]]:
             "rebuild it with `python scripts/build_real_facts.py`"
         )
     return records if n is None else records[:n]
+
+
+def interleave_relations(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Order records round-robin over their relations (in order of first appearance, each
+    relation's records in their own order) and renumber ``case_id`` 0..n-1, so that the first
+    n records of a file (``--n`` of the evaluation harness) cover every relation."""
+    queues: dict[str, list[dict[str, Any]]] = {}
+    for rec in records:
+        queues.setdefault(rec["requested_rewrite"]["relation_id"], []).append(rec)
+    ordered: list[dict[str, Any]] = []
+    while any(queues.values()):
+        for queue in queues.values():
+            if queue:
+                ordered.append(queue.pop(0))
+    return [{**rec, "case_id": i} for i, rec in enumerate(ordered)]
 
 
 def real_facts_meta() -> dict[str, Any]:
