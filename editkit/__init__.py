@@ -9,8 +9,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from editkit._version import __version__
 from editkit.editor import AppliedEdit, EditHistory, Editor
 from editkit.errors import (
     DatasetFormatError,
@@ -27,11 +26,13 @@ from editkit.errors import (
     UnsupportedModelError,
 )
 from editkit.hparams import HyperParams
-from editkit.models.adapter import ModelAdapter, WeightLayout
-from editkit.patch import Dense, LowRank, Patch, load_patch
+from editkit.layouts import Dense, LowRank, WeightLayout
+from editkit.models.adapter import ModelAdapter
+from editkit.patch import Patch, load_patch
 from editkit.registry import (
     ADAPTERS,
     METHODS,
+    TEXT_SOURCES,
     get_adapter,
     get_method,
     list_adapters,
@@ -43,7 +44,7 @@ __all__ = [
     "ADAPTERS", "METHODS", "AppliedEdit", "DatasetFormatError", "Dense", "EditFailedError",
     "EditHistory", "EditRequest", "EditkitError", "Editor", "HistoryError", "HyperParams",
     "InvalidHyperParamsError", "InvalidRequestError", "LowRank", "ModelAdapter", "Patch",
-    "PatchMismatchError", "StatsError", "SubjectNotFoundError", "TokenizerError",
+    "PatchMismatchError", "StatsError", "SubjectNotFoundError", "TEXT_SOURCES", "TokenizerError",
     "UnknownMethodError", "UnsupportedModelError", "WeightLayout", "__version__", "get_adapter",
     "get_method", "list_adapters", "list_methods", "load_patch",
 ]

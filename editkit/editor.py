@@ -188,7 +188,7 @@ class Editor(ABC):
 
     def _new_patch(self, deltas: dict, requests: list[EditRequest], **extra: Any) -> Patch:
         """A patch stamped with method, hparams, requests and the base fingerprint."""
-        from editkit import __version__
+        from editkit._version import __version__
 
         meta = {
             "method": self.name,

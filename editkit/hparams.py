@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from editkit._version import __version__
 from editkit.errors import InvalidHyperParamsError
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ class JSONDataclass:
             raise InvalidHyperParamsError(f"{cls.__name__}: {exc}") from exc
 
     def to_json(self, path: str | Path | None = None) -> str:
-        from editkit import __version__
-
         text = json.dumps({**self.to_dict(), "editkit_version": __version__}, indent=2)
         if path is not None:
             Path(path).write_text(text)

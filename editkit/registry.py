@@ -1,9 +1,12 @@
-"""Registries of editing methods and model adapters, filled from Python entry points.
+"""Registries of editing methods, model adapters and statistics text sources, filled from
+Python entry points.
 
-Built-in methods and adapters are declared in editkit's own ``pyproject.toml`` under the
-entry-point groups ``editkit.methods`` and ``editkit.adapters``, exactly as a third-party
-plugin declares its own. Discovery is lazy and happens once per registry; a broken plugin
-is skipped with a warning, and a plugin cannot silently replace a built-in name.
+Built-in methods, adapters and the fact-world text source are declared in editkit's own
+``pyproject.toml`` under the entry-point groups ``editkit.methods``, ``editkit.adapters`` and
+``editkit.text_sources``, exactly as a third-party plugin declares its own. Discovery is lazy
+and happens once per registry; a broken plugin is skipped with a warning, and a plugin cannot
+silently replace a built-in name. The registry is core: it imports no editor, adapter or
+statistics code, and checks what it loads by interface.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
-from editkit.errors import UnknownMethodError, UnsupportedModelError
+from editkit.errors import StatsError, UnknownMethodError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -119,16 +122,24 @@ class Registry(Generic[T]):
         return obj
 
 
-def _is_editor_class(obj: Any) -> bool:
-    from editkit.editor import Editor
+#: What a registered method class must offer (the ``Editor`` interface). The registry sits
+#: below ``editor`` and ``models`` in the layering, so it checks the interface, not the class.
+_EDITOR_INTERFACE = ("hparams_class", "compute_update", "apply", "revert", "prepare")
+#: What a registered adapter must offer (the ``ModelAdapter`` interface).
+_ADAPTER_INTERFACE = ("name", "layers", "layout", "module_name", "weight_name", "module",
+                      "kv_view", "num_layers")
 
-    return isinstance(obj, type) and issubclass(obj, Editor)
+
+def _is_editor_class(obj: Any) -> bool:
+    return isinstance(obj, type) and all(hasattr(obj, a) for a in _EDITOR_INTERFACE)
 
 
 def _is_adapter(obj: Any) -> bool:
-    from editkit.models.adapter import ModelAdapter
+    return not isinstance(obj, type) and all(hasattr(obj, a) for a in _ADAPTER_INTERFACE)
 
-    return isinstance(obj, ModelAdapter)
+
+def _is_text_source_factory(obj: Any) -> bool:
+    return callable(obj)
 
 
 METHODS: Registry[Any] = Registry(
@@ -147,6 +158,16 @@ ADAPTERS: Registry[Any] = Registry(
     'To support another architecture, register a ModelAdapter under its config.model_type '
     'with an entry point in group "editkit.adapters" or editkit.ADAPTERS.register(type, adapter) '
     '(see docs/adapters.md).',
+)
+TEXT_SOURCES: Registry[Any] = Registry(
+    "text source",
+    "editkit.text_sources",
+    _is_text_source_factory,
+    StatsError,
+    'Register a named statistics text source with an entry point in group '
+    '"editkit.text_sources" (name = "package.module:factory") or '
+    'editkit.TEXT_SOURCES.register(name, factory); a factory takes keyword arguments '
+    'n_samples, model, tokenizer, generated_length and returns an editkit.stats.TextSource.',
 )
 
 

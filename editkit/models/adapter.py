@@ -9,31 +9,18 @@ that matrix, and never transpose by hand.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from editkit.errors import InvalidHyperParamsError
-from editkit.patch import Dense, LowRank
+from editkit.layouts import Dense, LowRank, WeightLayout
 
 #: Module slots inside one transformer block.
 BLOCK_SLOTS = ("mlp", "mlp_in", "mlp_gate", "mlp_out", "attn", "attn_out", "block")
 #: Module slots of the whole model.
 MODEL_SLOTS = ("embedding", "final_norm", "lm_head")
-
-
-class WeightLayout(enum.Enum):
-    """How a projection stores its weight.
-
-    ``LINEAR``: ``torch.nn.Linear``, weight shape (out, in); ``y = W x``.
-    ``CONV1D``: GPT-2's ``Conv1D``, weight shape (in, out); ``y = x W``.
-    A square weight is ambiguous, so the layout is declared, never guessed from shapes.
-    """
-
-    LINEAR = "linear"
-    CONV1D = "conv1d"
 
 
 @dataclass(frozen=True)
