@@ -18,9 +18,11 @@ Text sources (``texts=``):
 - a ``datasets.Dataset`` (its ``"text"`` column);
 - a named source: ``"wikitext"`` (``wikitext-103-raw-v1`` from the Hugging Face hub, needs
   ``datasets`` and a network or a warm ``datasets`` cache; the default), ``"pydoc"`` (the
-  Python documentation shipped with CPython in ``pydoc_data``, always available offline) or
-  ``"fact_world"`` (the corpus of :mod:`editkit.testbed`) or ``"generated"`` (text sampled
-  from the model itself, seeded and cached; needs no data at all, see :func:`generate_texts`).
+  Python documentation shipped with CPython in ``pydoc_data``, always available offline),
+  ``"generated"`` (text sampled from the model itself, seeded and cached; needs no data at
+  all, see :func:`generate_texts`) or any other name in :data:`editkit.registry.TEXT_SOURCES`,
+  e.g. ``"fact_world"`` (the corpus of the fact world, which :mod:`editkit.testbed` registers
+  under the ``editkit.text_sources`` entry point).
 
 Results are cached as safetensors (tensor + JSON header with a checksum) under
 ``$EDITKIT_CACHE/stats`` (default ``~/.cache/editkit/stats``), keyed by a hash of (model
@@ -53,7 +55,7 @@ from tqdm.auto import tqdm
 
 from editkit.errors import StatsError
 from editkit.nethooks import Trace
-from editkit.registry import get_adapter
+from editkit.registry import TEXT_SOURCES, get_adapter
 from editkit.tokens import pad_id, right_pad
 
 logger = logging.getLogger(__name__)
@@ -72,8 +74,9 @@ __all__ = [
 
 #: Bumped when the cache file layout or the meaning of a cached value changes.
 CACHE_FORMAT = 1
-#: Named text sources accepted as ``texts=``.
-NAMED_SOURCES = ("wikitext", "pydoc", "fact_world", "generated")
+#: Named text sources this module registers; others (``"fact_world"``) come from their owners
+#: through :data:`editkit.registry.TEXT_SOURCES`.
+NAMED_SOURCES = ("wikitext", "pydoc", "generated")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
 _HASH_SAMPLE = 1 << 16  # elements hashed per non-key parameter (evenly strided)
@@ -148,12 +151,6 @@ def _pydoc_texts() -> list[str]:
     from pydoc_data.topics import topics
 
     return [p for key in sorted(topics) for p in _paragraphs(topics[key])]
-
-
-def _fact_world_texts() -> list[str]:
-    from editkit.testbed import FactWorld
-
-    return FactWorld().texts()
 
 
 #: Openings of the ``"generated"`` source's samples: varied, content-free starts of English
@@ -268,32 +265,18 @@ def text_source(texts: Any, n_samples: int, *, model: nn.Module | None = None,
                 return TextSource(ident, str(path), lambda: _read_jsonl(path))
             return TextSource(ident, str(path), lambda: _read_txt(path))
         name = str(texts)
-        if name == "wikitext":
-            return TextSource("hub:wikitext/wikitext-103-raw-v1:train", "wikitext-103-raw-v1",
-                              _wikitext_texts)
-        if name == "pydoc":
-            import sys
-
-            ident = f"pydoc:{sys.version_info.major}.{sys.version_info.minor}:" + _sha(
-                _pydoc_texts())[:16]
-            return TextSource(ident, "Python documentation (pydoc_data)", _pydoc_texts)
-        if name == "fact_world":
-            from editkit.testbed import FactWorld
-
-            return TextSource(f"fact_world:{FactWorld().fingerprint()[:16]}", "fact-world corpus",
-                              _fact_world_texts)
-        if name == "generated":
-            if model is None or tokenizer is None:
-                raise StatsError("texts='generated' samples text from the model: pass model= "
-                                 "and tokenizer= to text_source")
-            ident = _sha(["generated", _generator_identity(model), generated_length])[:24]
-            return TextSource(f"generated:{ident}", "text sampled from the model",
-                              lambda: generate_texts(model, tokenizer, n_samples,
-                                                     length=generated_length))
-        raise StatsError(
-            f"texts={name!r} is neither an existing file nor a named source {NAMED_SOURCES}; "
-            "pass a path to a .txt/.jsonl file, a list of strings or a datasets.Dataset"
-        )
+        if name not in TEXT_SOURCES:
+            raise StatsError(
+                f"texts={name!r} is neither an existing file nor a named source "
+                f"{TEXT_SOURCES.names()}; pass a path to a .txt/.jsonl file, a list of strings or "
+                "a datasets.Dataset, or register a source in editkit.TEXT_SOURCES"
+            )
+        source = TEXT_SOURCES.get(name)(n_samples=n_samples, model=model, tokenizer=tokenizer,
+                                        generated_length=generated_length)
+        if not isinstance(source, TextSource):
+            raise StatsError(f"the text source {name!r} returned {type(source).__name__}, not a "
+                             "TextSource; fix its factory")
+        return source
     if hasattr(texts, "_fingerprint") and hasattr(texts, "column_names"):  # datasets.Dataset
         ds = texts
         if "text" not in ds.column_names:
@@ -311,8 +294,37 @@ def text_source(texts: Any, n_samples: int, *, model: nn.Module | None = None,
                           f"{len(items)} given texts", lambda: items)
     raise StatsError(
         f"texts must be an iterable of strings, a file path, a datasets.Dataset or one of "
-        f"{NAMED_SOURCES}; got {type(texts).__name__}"
+        f"{TEXT_SOURCES.names()}; got {type(texts).__name__}"
     )
+
+
+def _wikitext_source(**_: Any) -> TextSource:
+    return TextSource("hub:wikitext/wikitext-103-raw-v1:train", "wikitext-103-raw-v1",
+                      _wikitext_texts)
+
+
+def _pydoc_source(**_: Any) -> TextSource:
+    import sys
+
+    ident = f"pydoc:{sys.version_info.major}.{sys.version_info.minor}:" + _sha(_pydoc_texts())[:16]
+    return TextSource(ident, "Python documentation (pydoc_data)", _pydoc_texts)
+
+
+def _generated_source(*, n_samples: int, model: nn.Module | None = None, tokenizer: Any = None,
+                      generated_length: int = 128, **_: Any) -> TextSource:
+    if model is None or tokenizer is None:
+        raise StatsError("texts='generated' samples text from the model: pass model= "
+                         "and tokenizer= to text_source")
+    ident = _sha(["generated", _generator_identity(model), generated_length])[:24]
+    return TextSource(f"generated:{ident}", "text sampled from the model",
+                      lambda: generate_texts(model, tokenizer, n_samples,
+                                             length=generated_length))
+
+
+for _name, _factory in zip(NAMED_SOURCES, (_wikitext_source, _pydoc_source, _generated_source),
+                           strict=True):
+    if _name not in TEXT_SOURCES:  # idempotent if this module is reloaded
+        TEXT_SOURCES.register(_name, _factory)
 
 
 # ------------------------------------------------------------------- fingerprints

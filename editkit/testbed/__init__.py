@@ -27,7 +27,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from editkit.stats import default_cache_dir
 from editkit.testbed.real_facts import real_facts, real_facts_meta, real_facts_path
+from editkit.testbed.sources import register_text_sources
 from editkit.testbed.train import (
     META_FILE,
     TrainSettings,
@@ -61,6 +63,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+register_text_sources()
+
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", META_FILE)
 
 
@@ -72,8 +76,6 @@ def package_data_dir() -> Path:
 def cache_dir() -> Path:
     """The editkit cache root (:func:`editkit.stats.default_cache_dir`): ``$EDITKIT_CACHE``,
     else ``$XDG_CACHE_HOME/editkit``, else ``~/.cache/editkit``."""
-    from editkit.stats import default_cache_dir
-
     return default_cache_dir()
 
 
