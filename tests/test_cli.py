@@ -70,7 +70,7 @@ def test_methods_command(capsys):
 
 
 def test_demo_cases_for_the_fact_world_and_smollm2():
-    from editkit.cli import _demo_case
+    from editkit.cli.demo import _demo_case
 
     req, unrelated, generation = _demo_case("smollm2", 0)
     assert req.text == "The Eiffel Tower is located in the city of"

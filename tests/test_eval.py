@@ -540,7 +540,7 @@ def test_report_json_markdown_compare_and_plot(gpt2_and_tok, cf_records, tmp_pat
 
 # ------------------------------------------------------------------------------ CLI
 def _parser():
-    from editkit.eval import cli
+    from editkit import cli
 
     parser = argparse.ArgumentParser(prog="editkit")
     cli.add_parser(parser.add_subparsers(dest="command"))

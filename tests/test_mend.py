@@ -378,7 +378,7 @@ def test_cli_trains_and_scores_a_saved_model(tmp_path, bytelevel_tokenizer, caps
 
     from transformers import AutoModelForCausalLM
 
-    from editkit.methods.mend import cli
+    from editkit import cli
 
     tok = bytelevel_tokenizer
     model_dir = tmp_path / "model"

@@ -333,7 +333,7 @@ def test_cache_dir_defaults_to_editkit_cache(model_tok, tmp_path, monkeypatch):
 def test_stats_cli_computes_and_caches(model_tok, tmp_path, capsys):
     import argparse
 
-    from editkit import stats_cli
+    from editkit import cli as stats_cli
 
     model, tok = model_tok
     model.save_pretrained(tmp_path / "m")

@@ -13,6 +13,7 @@ import torch
 import transformers as T
 from conftest import snapshot, state_equal, tiny_config
 
+from editkit import cli as tracing_cli
 from editkit import get_adapter
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError
 from editkit.tracing import (
@@ -39,7 +40,6 @@ from editkit.tracing import (
     trace_records,
     window_layers,
 )
-from editkit.tracing import cli as tracing_cli
 
 PROMPT, SUBJECT = "The city of {} is in", "Paris"
 TOL = 1e-4

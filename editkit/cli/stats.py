@@ -14,6 +14,11 @@ import argparse
 import time
 from typing import Any
 
+from editkit.cli.common import load_model
+from editkit.errors import EditkitError
+from editkit.registry import get_adapter
+from editkit.stats import default_cache_dir, second_moment
+
 FACT_WORLD = "fact_world"
 
 
@@ -42,13 +47,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``editkit stats``; prints one line per layer. Returns the exit status."""
-    from editkit.errors import EditkitError
-    from editkit.registry import get_adapter
-    from editkit.stats import default_cache_dir, second_moment
-
     try:
-        from editkit.cli import load_model
-
         model, tokenizer = load_model(args.model, device=args.device)
         texts = args.texts or (FACT_WORLD if args.model == FACT_WORLD else "wikitext")
         adapter = get_adapter(model)

@@ -1,4 +1,4 @@
-"""``editkit train-ke``: train a KE hypernetwork (see :mod:`editkit.methods._learned.cli`).
+"""``editkit train-ke``: train a KE hypernetwork (options in :mod:`editkit.cli._train`).
 
     editkit train-ke --model factworld --data factworld --out runs/ke --max-minutes 15
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from editkit.methods._learned.cli import add_train_parser, run_train
+from editkit.cli._train import add_train_parser, run_train
 
 
 def add_parser(subparsers: Any) -> None:
@@ -17,4 +17,5 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``editkit train-ke``; returns the exit status."""
     return run_train(args)

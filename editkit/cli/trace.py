@@ -1,9 +1,8 @@
-"""``editkit trace`` and ``editkit suggest-layer``: causal tracing from the command line.
+"""``editkit trace``: causal tracing from the command line.
 
     editkit trace --model DIR --prompt "{} was born in" --subject "Ada Lovelace" --out out/
     editkit trace --model DIR --data counterfact.json --n 100 --aie --out out/
     editkit trace --model factworld --n 50 --aie --sever --out docs/tracing/
-    editkit suggest-layer --model DIR --data counterfact.json --n 50 [--sweep rome]
 
 ``--model`` is a directory written by ``save_pretrained`` (model and tokenizer) or
 ``factworld`` (the offline fact world, whose own records are the default ``--data``).
@@ -20,10 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-FACT_WORLD_NAMES = ("factworld", "fact_world", "fact-world")
+from tqdm.auto import tqdm
+
+from editkit.cli.common import FACT_WORLD_NAMES, load_model
+from editkit.errors import DatasetFormatError, EditkitError
+from editkit.testbed import FactWorld
+from editkit.tracing import SEVERED_KINDS, CausalTracer, aie_by_kind, plots, trace_naive
+from editkit.tracing.trace import as_trace_requests, check_kinds
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def common_options(p: argparse.ArgumentParser) -> None:
+    """Options ``trace`` and ``suggest-layer`` share."""
     p.add_argument("--model", required=True,
                    help="save_pretrained directory (model + tokenizer), or 'factworld'")
     p.add_argument("--data", help="JSON list of CounterFact records (default for factworld: "
@@ -41,11 +47,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register ``editkit trace`` and ``editkit suggest-layer``."""
+    """Register ``editkit trace``."""
     t = subparsers.add_parser(
         "trace", help="causal tracing: heatmaps of where a model recalls facts",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(t)
+    common_options(t)
     t.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} was born in'")
     t.add_argument("--subject")
     t.add_argument("--target", help="answer to trace (default: the model's prediction)")
@@ -60,38 +66,17 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--naive", action="store_true",
                    help="use the straightforward implementation (slow; for checking)")
     t.add_argument("--out", required=True, help="output directory")
-    t.set_defaults(func=run, tracing_command="trace")
-
-    s = subparsers.add_parser(
-        "suggest-layer", help="the layer of maximal MLP AIE at the last subject token",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(s)
-    s.add_argument("--sweep", metavar="METHOD",
-                   help="also edit at each layer with this method (e.g. rome, ft) and compare")
-    s.add_argument("--layers", help="comma list of layers to sweep (default all)")
-    s.add_argument("--sweep-n", type=int, default=None,
-                   help="records edited per layer in the sweep (default: as --n)")
-    s.add_argument("--out", help="write suggest_layer.json (+ sweep JSON and plots) here")
-    s.set_defaults(func=run, tracing_command="suggest-layer")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``editkit trace`` / ``editkit suggest-layer``; returns the exit status."""
-    if getattr(args, "tracing_command", "trace") == "suggest-layer":
-        return _suggest(args)
-    return _trace(args)
+    t.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------- helpers
-def _load(args: argparse.Namespace):
-    from editkit.cli import load_model
-
+def load(args: argparse.Namespace):
+    """The ``--model`` on ``--device``."""
     return load_model(args.model, device=args.device)
 
 
-def _records(args: argparse.Namespace, n_default: int | None) -> list[dict]:
-    from editkit.errors import DatasetFormatError, EditkitError
-
+def records(args: argparse.Namespace, n_default: int | None) -> list[dict]:
+    """The ``--data`` records (or the fact world's own), the first ``--n`` or ``n_default``."""
     n = args.n if args.n is not None else n_default
     if args.data:
         path = Path(args.data)
@@ -106,16 +91,12 @@ def _records(args: argparse.Namespace, n_default: int | None) -> list[dict]:
                 f"--data {args.data!r} must hold a JSON list of CounterFact records")
         return data[:n] if n is not None else data
     if args.model in FACT_WORLD_NAMES:
-        from editkit.testbed import FactWorld
-
         return FactWorld().records(n)
     raise EditkitError("pass --data FILE (a JSON list of CounterFact records), or "
                        "--prompt and --subject for a single prompt")
 
 
 def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
-    from editkit.tracing.trace import SEVERED_KINDS, check_kinds
-
     kinds = check_kinds([k.strip() for k in args.kinds.split(",") if k.strip()])
     return kinds + SEVERED_KINDS if args.sever else kinds
 
@@ -133,16 +114,12 @@ def _print_trace(results: dict) -> None:
 
 
 # --------------------------------------------------------------------------- trace
-def _trace(args: argparse.Namespace) -> int:
-    from editkit.errors import EditkitError
-    from editkit.tracing import plots
-    from editkit.tracing.naive import trace_naive
-    from editkit.tracing.trace import CausalTracer, aie_by_kind, as_trace_requests
-
+def run(args: argparse.Namespace) -> int:
+    """Run ``editkit trace``; returns the exit status."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = _kinds(args)
-    model, tokenizer = _load(args)
+    model, tokenizer = load(args)
     start = time.perf_counter()
 
     if args.prompt or args.subject:
@@ -152,15 +129,13 @@ def _trace(args: argparse.Namespace) -> int:
         texts = [args.subject]
         prompts = [(args.prompt, args.subject, args.target)]
     else:
-        requests = as_trace_requests(_records(args, 100))
+        requests = as_trace_requests(records(args, 100))
         texts = [r.subject for r in requests]
         prompts = [(r.prompt, r.subject, r.target_true) for r in requests]
 
     tracer = CausalTracer(model, tokenizer, texts=texts, samples=args.samples,
                           noise=args.noise, seed=args.seed, batch_size=args.batch_size,
                           progress=len(prompts) == 1 and not args.no_progress)
-    from tqdm.auto import tqdm
-
     traces = []
     for prompt, subject, target in tqdm(prompts, desc="causal trace",
                                         disable=args.no_progress or len(prompts) == 1):
@@ -206,52 +181,4 @@ def _trace(args: argparse.Namespace) -> int:
                      if aie.counts[i] else "-" for i in range(len(aie.groups))]
             print(f"  {kind:18s}" + "".join(f"{c:>17s}" for c in cells))
     print(f"traced {len(traces)} prompt(s) in {elapsed:.1f}s; wrote {out}/")
-    return 0
-
-
-# --------------------------------------------------------------------------- suggest-layer
-def _suggest(args: argparse.Namespace) -> int:
-    from editkit.tracing import plots
-    from editkit.tracing.layers import layer_from_aie, layer_sweep, mlp_aie
-
-    model, tokenizer = _load(args)
-    records = _records(args, 50)
-    aie = mlp_aie(model, tokenizer, records, window=args.window, samples=args.samples,
-                  noise=args.noise, seed=args.seed, batch_size=args.batch_size,
-                  progress=not args.no_progress)
-    layer, curve = layer_from_aie(aie)
-    print(f"suggested layer: {layer}  (MLP AIE at the last subject token over "
-          f"{aie.n_facts} facts, window {aie.window})")
-    for i, value in enumerate(curve):
-        se = aie.stderr[aie.groups.index("last subject token"), i]
-        print(f"  layer {i:3d}  AIE {value:+.4f} ± {1.96 * se:.4f}{'  <-' if i == layer else ''}")
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "suggest_layer.json").write_text(json.dumps(
-            {"layer": layer, "curve": curve.tolist(), "aie": aie.to_dict()}, indent=1))
-        plots.plot_aie({"mlp": aie}, out / "suggest_layer_aie")
-    if args.sweep:
-        layers = ([int(x) for x in args.layers.split(",")] if args.layers else None)
-        n_sweep = args.sweep_n if args.sweep_n is not None else len(records)
-        sweep = layer_sweep(args.sweep, model, tokenizer, records[:n_sweep], layers,
-                            trace_curve=curve, progress=not args.no_progress)
-        print(f"{sweep.method} sweep over {sweep.n_records} records:")
-        print("  layer  efficacy  magnitude  paraphrase  specificity  score  traced AIE")
-        for i, lay in enumerate(sweep.layers):
-            print(f"  {lay:5d}  {sweep.efficacy[i]:8.3f}  {sweep.efficacy_magnitude[i]:+9.3f}  "
-                  f"{sweep.paraphrase[i]:10.3f}  {sweep.specificity[i]:11.3f}  "
-                  f"{sweep.score[i]:5.3f}  {sweep.trace_curve[i]:+10.4f}")
-
-        def fmt(r: float | None) -> str:
-            return "n/a (constant)" if r is None else f"{r:+.3f}"
-
-        print(f"best layer (score): {sweep.best_layer}; traced layer: {layer}; "
-              f"{'agree' if sweep.agree else 'disagree'}")
-        print(f"corr(traced AIE, efficacy) = {fmt(sweep.correlation)}, with efficacy magnitude "
-              f"= {fmt(sweep.correlation_magnitude)}, with score = "
-              f"{fmt(sweep.correlation_score)}")
-        if out is not None:
-            sweep.save(out / f"layer_sweep_{sweep.method}.json")
-            plots.plot_layer_sweep(sweep, out / f"layer_sweep_{sweep.method}")
     return 0

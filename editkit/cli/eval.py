@@ -1,8 +1,7 @@
-"""``editkit eval`` and ``editkit compare``: thin command-line wrappers over the Python API.
+"""``editkit eval``: edit and score a model on CounterFact / zsRE records.
 
     editkit eval --model factworld --method ft_l --data factworld --n 100 \\
         --protocol sequential --out results/ft_l_seq
-    editkit compare results/ft_seq results/ft_l_seq --out comparison.md
 
 ``eval`` writes ``results.json``, ``report.md`` and, for sequential runs, ``retention.png``
 into ``--out``. ``--model`` is ``factworld`` (the offline fact-world GPT-2) or a
@@ -14,18 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from editkit.cli.common import load_model
 from editkit.errors import EditkitError, InvalidHyperParamsError
-
-logger = logging.getLogger(__name__)
+from editkit.eval.datasets import load_dataset
+from editkit.eval.generation import GenerationConfig
+from editkit.eval.metrics import ReferenceTable
+from editkit.eval.plots import plot_retention
+from editkit.eval.report import PLOT_FILE, REPORT_FILE, RESULTS_FILE
+from editkit.eval.runner import evaluate
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register the ``eval`` and ``compare`` subcommands."""
+    """Register ``editkit eval``."""
     p = subparsers.add_parser(
         "eval", help="edit and score a model on CounterFact / zsRE records",
         description="Apply a registered editing method to dataset records under a protocol "
@@ -74,16 +77,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--label", default=None,
                    help="row label of the method in tables (default: the method name)")
     p.add_argument("--out", default="results", help="output directory (default ./results)")
-    p.set_defaults(eval_command="eval")
-
-    c = subparsers.add_parser(
-        "compare", help="put several `editkit eval` results side by side",
-        description="One markdown table with the unedited and edited rows of several runs.",
-    )
-    c.add_argument("results", nargs="+", help="results.json files or --out directories")
-    c.add_argument("--out", default=None, help="write the table to this markdown file")
-    c.add_argument("--title", default=None, help="heading of the table")
-    c.set_defaults(eval_command="compare")
+    p.set_defaults(func=run)
 
 
 def _hparams(text: str | None) -> dict[str, Any] | None:
@@ -103,13 +97,6 @@ def _hparams(text: str | None) -> dict[str, Any] | None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from editkit.eval.datasets import load_dataset
-    from editkit.eval.generation import GenerationConfig
-    from editkit.eval.metrics import ReferenceTable
-    from editkit.eval.plots import plot_retention
-    from editkit.eval.report import PLOT_FILE, REPORT_FILE, RESULTS_FILE
-    from editkit.eval.runner import evaluate
-
     if (args.idf is None) != (args.references is None):
         raise EditkitError("RS needs both --idf and --references (or neither)")
     references = ReferenceTable.from_files(args.idf, args.references) if args.idf else None
@@ -123,8 +110,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     records = load_dataset(args.data, args.format, args.n, split=args.split, seed=args.seed,
                            zsre_target=args.zsre_target)
-    from editkit.cli import load_model
-
     model, tokenizer = load_model(args.model, args.device)
     label = Path(args.data).name if Path(args.data).exists() else args.data
     report = evaluate(
@@ -153,35 +138,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_compare(args: argparse.Namespace) -> int:
-    from editkit.eval.report import compare
-
-    table = compare(args.results, title=args.title)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table, encoding="utf-8")
-    print(table, end="")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run ``editkit eval`` or ``editkit compare``; 0 on success, 2 on a typed error."""
-    command = getattr(args, "eval_command", "eval")
+    """Run ``editkit eval``; 0 on success, 2 on a typed error (printed to stderr)."""
     try:
-        return _run_compare(args) if command == "compare" else _run_eval(args)
+        return _run_eval(args)
     except EditkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m editkit.eval.cli eval ...``) until the main CLI wires
-    these subcommands."""
-    parser = argparse.ArgumentParser(prog="editkit")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Shared implementation of ``editkit train-mend`` and ``editkit train-ke``.
+"""What ``editkit train-mend`` and ``editkit train-ke`` share: options, split, train, score.
 
     editkit train-mend --model factworld --data factworld --out runs/mend
     editkit train-ke --model path/to/model --data counterfact.json --out runs/ke --max-minutes 15
@@ -13,22 +13,19 @@ test subjects) into ``--out``. Rerunning the same command resumes an interrupted
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from editkit.cli.common import FACT_WORLD_NAMES, load_model
 from editkit.errors import EditkitError, InvalidHyperParamsError
-
-logger = logging.getLogger(__name__)
-
-_CLASSES = {"mend": "editkit.methods.mend:MEND", "ke": "editkit.methods.ke:KE"}
-
-
-def _editor_class(method: str):
-    module, _, attr = _CLASSES[method].partition(":")
-    return getattr(importlib.import_module(module), attr)
+from editkit.methods._learned.data import load_records, split_by_subject, subjects_of
+from editkit.methods._learned.io import write_json
+from editkit.methods._learned.quality import edit_quality
+from editkit.registry import get_method
+from editkit.testbed import FactWorld
 
 
 def add_train_parser(subparsers: Any, method: str) -> None:
@@ -66,7 +63,7 @@ def add_train_parser(subparsers: Any, method: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(learned_method=method)
+    p.set_defaults(learned_method=method, func=run_train)
 
 
 def _json_arg(value: str | None) -> dict[str, Any]:
@@ -85,15 +82,8 @@ def _json_arg(value: str | None) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``train-<method>``: split, train, save, score the test split; print a summary."""
-    import torch
-
-    from editkit.cli import load_model
-    from editkit.methods._learned.data import load_records, split_by_subject, subjects_of
-    from editkit.methods._learned.io import write_json
-    from editkit.methods._learned.quality import edit_quality
-
     method = args.learned_method
-    cls = _editor_class(method)
+    cls = get_method(method)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -117,9 +107,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.locality:
         locality = [line.strip() for line in Path(args.locality).read_text().splitlines()
                     if line.strip()]
-    elif str(args.data) in ("factworld", "fact_world", "fact-world"):
-        from editkit.testbed import FactWorld
-
+    elif str(args.data) in FACT_WORLD_NAMES:
         locality = FactWorld().texts(n=3000, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

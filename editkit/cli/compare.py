@@ -1,0 +1,44 @@
+"""``editkit compare``: put several ``editkit eval`` results side by side.
+
+    editkit compare results/ft_seq results/ft_l_seq --out comparison.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from editkit.errors import EditkitError
+from editkit.eval.report import compare
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``editkit compare``."""
+    c = subparsers.add_parser(
+        "compare", help="put several `editkit eval` results side by side",
+        description="One markdown table with the unedited and edited rows of several runs.",
+    )
+    c.add_argument("results", nargs="+", help="results.json files or --out directories")
+    c.add_argument("--out", default=None, help="write the table to this markdown file")
+    c.add_argument("--title", default=None, help="heading of the table")
+    c.set_defaults(func=run)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    table = compare(args.results, title=args.title)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table, encoding="utf-8")
+    print(table, end="")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``editkit compare``; 0 on success, 2 on a typed error (printed to stderr)."""
+    try:
+        return _compare(args)
+    except EditkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
