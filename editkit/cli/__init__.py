@@ -7,8 +7,9 @@
     editkit stats | trace | suggest-layer | eval | compare | train-mend | train-ke ...
 
 One module per subcommand: each module in :data:`SUBCOMMANDS` exposes
-``add_parser(subparsers)`` (which sets the parser's ``func``) and ``run(args)``. The command line sits on top of the layering: it may
-import everything, and nothing in the library imports it.
+``add_parser(subparsers)`` (which sets the parser's ``func``) and ``run(args)``. The command
+line sits on top of the layering: it may import everything, and nothing in the library
+imports it.
 """
 
 from __future__ import annotations
