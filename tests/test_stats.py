@@ -4,6 +4,7 @@ distributed equality, text sources and errors."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -350,3 +351,35 @@ def test_stats_cli_computes_and_caches(model_tok, tmp_path, capsys):
     args = parser.parse_args([*argv[:3], "9", *argv[4:]])
     assert stats_cli.run(args) == 1
     assert "layer=9" in capsys.readouterr().out
+
+
+def test_stats_cli_under_torchrun_shards_and_equals_one_process(model_tok, tmp_path):
+    """``torchrun --nproc_per_node 2 -m editkit.cli stats``: the CLI joins the gloo group, the
+    two ranks split the texts, rank 0 writes the cache, and C equals the one-process C."""
+    model, tok = model_tok
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXTS) + "\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{repo}{os.pathsep}{env.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "editkit.cli", "stats", str(model_dir), "--layers", "0", "2", "--texts",
+           str(corpus), "--n-samples", "100", "--max-length", "32", "--batch-size", "3",
+           "--dtype", "float64", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 layer(s)" in done.stdout and "over 2 processes" in done.stdout
+    assert done.stdout.count("layer 0: C") == 1  # only rank 0 prints
+    from safetensors.torch import load_file
+
+    files = {p.name.split("_")[1]: p for p in (tmp_path / "cache").rglob("mom2_l*.safetensors")}
+    assert sorted(files) == ["l0", "l2"]
+    single = second_moment(model, [0, 2], corpus, tokenizer=tok, n_samples=100, max_length=32,
+                           batch_size=3, dtype="float64", use_cache=False, progress=False)
+    for layer in (0, 2):  # other batches (other padding) change keys at float32 precision
+        sharded = load_file(str(files[f"l{layer}"]))["mom2"]
+        scale = float(single[layer].abs().max())
+        torch.testing.assert_close(sharded, single[layer], rtol=1e-5, atol=1e-6 * scale)

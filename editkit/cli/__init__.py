@@ -72,7 +72,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EditkitError as exc:
         print(f"editkit: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,13 +6,20 @@
 The statistics land in the cache ``editkit.stats`` uses (``$EDITKIT_CACHE/stats``), where ROME
 and MEMIT find them later. ``fact_world`` names the offline fact-world model (its own corpus
 is then the default text source).
+
+Under ``torchrun --nproc_per_node k -m editkit.cli stats ...`` (``WORLD_SIZE`` > 1) each process
+joins the process group torchrun describes (gloo on CPU, NCCL on CUDA, one GPU per local rank),
+reads every k-th text, the sums are all-reduced, and rank 0 writes the cache and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
+
+import torch
 
 from editkit.cli.common import load_model
 from editkit.errors import EditkitError
@@ -45,10 +52,43 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _join_torchrun(device: str) -> tuple[bool, str]:
+    """Join the process group ``torchrun`` describes in the environment when ``WORLD_SIZE`` > 1.
+
+    Returns whether this call created the group (and must destroy it) and the device this
+    process computes on (``cuda`` becomes ``cuda:<LOCAL_RANK>``).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
+        torch.cuda.set_device(torch.device(device))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    # torchrun sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE: the default env:// init.
+    torch.distributed.init_process_group(backend)
+    return True, device
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``editkit stats``; prints one line per layer. Returns the exit status."""
+    created, device = _join_torchrun(args.device)
     try:
-        model, tokenizer = load_model(args.model, device=args.device)
+        return _run(args, device)
+    finally:
+        if created:
+            torch.distributed.barrier()  # no rank tears the group down while another talks
+            torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, device: str) -> int:
+    rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                   if torch.distributed.is_available() and torch.distributed.is_initialized()
+                   else (0, 1))
+    try:
+        model, tokenizer = load_model(args.model, device=device)
         texts = args.texts or (FACT_WORLD if args.model == FACT_WORLD else "wikitext")
         adapter = get_adapter(model)
         if args.layers == ["all"]:
@@ -64,13 +104,16 @@ def run(args: argparse.Namespace) -> int:
             model, layers, texts, tokenizer=tokenizer, n_samples=args.n_samples,
             max_length=args.max_length, dtype=args.dtype, adapter=adapter,
             batch_size=args.batch_size, cache_dir=args.cache_dir,
-            progress=not args.no_progress)
+            progress=not args.no_progress and rank == 0)
     except (EditkitError, OSError) as exc:
         print(f"error: {exc}")
         return 1
     seconds = time.perf_counter() - start
+    if rank != 0:
+        return 0
     where = args.cache_dir or default_cache_dir() / "stats"
     for layer, c in result.items():
         print(f"layer {layer}: C {tuple(c.shape)} {c.dtype}, trace {float(c.trace()):.4g}")
-    print(f"{len(result)} layer(s) in {seconds:.1f}s; cached under {where}")
+    shared = f" over {world} processes" if world > 1 else ""
+    print(f"{len(result)} layer(s) in {seconds:.1f}s{shared}; cached under {where}")
     return 0
