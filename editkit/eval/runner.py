@@ -1,6 +1,6 @@
 """``evaluate``: run an editing method over records under a protocol and score it.
 
-Protocols (DESIGN §6; MEMIT §5 for batch and sequential editing):
+Protocols (MEMIT §5 for batch and sequential editing):
 
 - ``"independent"``: for every record, apply its edit, score it, revert; the revert is
   checked bit-for-bit against the weights before the edit.

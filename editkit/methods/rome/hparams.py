@@ -88,7 +88,7 @@ class ROMEHyperParams(HyperParams):
     mom2_update_weight: float = 1.0
     key_consistent: bool = False
 
-    # Published layers (ROME paper, reference hparams, DESIGN §4; phi-1.5 from the port in
+    # Published layers (ROME paper, reference hparams; phi-1.5 from the port in
     # the seeds). v_loss_layer is the last block, as in the reference files.
     PUBLISHED: ClassVar[dict[str, dict[str, Any]]] = {
         "gpt2-medium": {**_COMMON, "layer": 8, "v_loss_layer": 23},
