@@ -1,4 +1,5 @@
-"""A separately installed distribution adds a method and an adapter through entry points."""
+"""A separately installed distribution adds a method, an adapter and a statistics text source
+through entry points; run-time registration; registries check what they load by interface."""
 
 from __future__ import annotations
 
@@ -52,6 +53,13 @@ SCRIPT = textwrap.dedent(
     assert name == "model.decoder.layers.1.fc2.weight" and patch.deltas[name].rank == 1
     editor.revert()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    # The plugin's statistics text source is found by name, with no import of the plugin.
+    from editkit.stats import second_moment, text_source
+    assert "toy_texts" in editkit.TEXT_SOURCES.names()
+    assert text_source("toy_texts", 5).identity == "toy_texts:v1"
+    c = second_moment(model, 1, "toy_texts", tokenizer=tok, n_samples=8, max_length=16,
+                      use_cache=False, progress=False)[1]
+    assert c.shape == (64, 64) and torch.isfinite(c).all() and float(c.trace()) > 0
     print("PLUGIN-OK", before, after)
     """
 )
@@ -91,3 +99,61 @@ def test_runtime_registration_and_collisions():
             editkit.ADAPTERS.get("not_an_adapter_for_test")
     finally:
         editkit.ADAPTERS._refs.pop("not_an_adapter_for_test")
+    editkit.METHODS.register("not_a_method_for_test", "editkit.models.gpt2:ADAPTER")
+    try:
+        with pytest.raises(TypeError, match="not a valid method"):
+            editkit.METHODS.get("not_a_method_for_test")
+    finally:
+        editkit.METHODS._refs.pop("not_a_method_for_test")
+
+
+def test_text_sources_registry_resolves_names_for_stats(bytelevel_tokenizer, tmp_path):
+    import torch
+
+    import editkit
+    from editkit.stats import TextSource, second_moment, text_source
+
+    texts = ["Alpha beta gamma delta.", "Epsilon zeta eta theta iota."] * 4
+    calls = []
+
+    def source(*, n_samples, model=None, tokenizer=None, generated_length=128, **_):
+        calls.append((n_samples, model is not None, tokenizer is not None))
+        return TextSource("test_source:v1", "test texts", lambda: texts)
+
+    editkit.TEXT_SOURCES.register("texts_for_test", source)
+    try:
+        assert text_source("texts_for_test", 5).identity == "test_source:v1"
+        from conftest import tiny_model
+
+        model = tiny_model("gpt2", len(bytelevel_tokenizer), n_layers=2)
+        by_name = second_moment(model, 1, "texts_for_test", tokenizer=bytelevel_tokenizer,
+                                n_samples=8, max_length=16, cache_dir=tmp_path, progress=False)
+        direct = second_moment(model, 1, texts, tokenizer=bytelevel_tokenizer, n_samples=8,
+                               max_length=16, use_cache=False, progress=False)
+        assert calls[-1] == (8, True, True)
+        assert torch.equal(by_name[1], direct[1])
+        with pytest.raises(ValueError, match="already registered"):
+            editkit.TEXT_SOURCES.register("texts_for_test", source)
+    finally:
+        editkit.TEXT_SOURCES._refs.pop("texts_for_test")
+        editkit.TEXT_SOURCES._loaded.pop("texts_for_test", None)
+    with pytest.raises(editkit.StatsError, match="texts_for_test.*neither an existing file"):
+        text_source("texts_for_test", 5)
+
+
+def test_testbed_registers_the_fact_world_corpus_as_declared_in_pyproject():
+    import re
+    from importlib import import_module
+
+    from editkit import TEXT_SOURCES
+    from editkit.stats import text_source
+    from editkit.testbed import FactWorld  # importing the testbed registers its source
+
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    section = pyproject.split('[project.entry-points."editkit.text_sources"]')[1].split("\n[")[0]
+    ref = re.search(r'^fact_world = "([^"]+)"$', section, re.M).group(1)
+    module, _, attr = ref.partition(":")
+    assert getattr(import_module(module), attr) is TEXT_SOURCES.get("fact_world")
+    source = text_source("fact_world", 10)
+    assert source.identity == f"fact_world:{FactWorld().fingerprint()[:16]}"
+    assert list(source.texts(3)) == FactWorld().texts()[:3]

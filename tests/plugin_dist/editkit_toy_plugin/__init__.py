@@ -73,3 +73,11 @@ class RankOneFT(Editor):
                 p.grad = None
         delta = self.adapter.lowrank_delta(u.detach(), v.detach())
         return self._new_patch({self.edited_parameters()[0]: delta}, items)
+
+
+def toy_texts(**_: object):
+    """A statistics text source (entry point group ``editkit.text_sources``)."""
+    from editkit.stats import TextSource
+
+    texts = [f"Toy sentence number {i} about nothing in particular." for i in range(40)]
+    return TextSource("toy_texts:v1", "the toy plugin's sentences", lambda: texts)
