@@ -94,18 +94,16 @@ def test_runtime_registration_and_collisions():
     finally:
         editkit.METHODS._refs.pop("ft_alias_for_test")
         editkit.METHODS._loaded.pop("ft_alias_for_test", None)
-    editkit.ADAPTERS.register("not_an_adapter_for_test", "editkit.methods.ft:FT")
-    try:
-        with pytest.raises(TypeError, match="not a valid model adapter"):
-            editkit.ADAPTERS.get("not_an_adapter_for_test")
-    finally:
-        editkit.ADAPTERS._refs.pop("not_an_adapter_for_test")
-    editkit.METHODS.register("not_a_method_for_test", "editkit.models.gpt2:ADAPTER")
-    try:
-        with pytest.raises(TypeError, match="not a valid method"):
-            editkit.METHODS.get("not_a_method_for_test")
-    finally:
-        editkit.METHODS._refs.pop("not_a_method_for_test")
+    # Each registry checks what it loads by interface: an Editor class is no adapter, and an
+    # adapter no method.
+    for registry, ref, kind in ((editkit.ADAPTERS, "editkit.methods.ft:FT", "model adapter"),
+                                (editkit.METHODS, "editkit.models.gpt2:ADAPTER", "method")):
+        registry.register("wrong_kind_for_test", ref)
+        try:
+            with pytest.raises(TypeError, match=f"not a valid {kind}"):
+                registry.get("wrong_kind_for_test")
+        finally:
+            registry._refs.pop("wrong_kind_for_test")
 
 
 def test_text_sources_registry_resolves_names_for_stats(bytelevel_tokenizer, tmp_path):

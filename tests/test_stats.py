@@ -295,13 +295,30 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_distributed_two_processes_equal_single_process(model_tok, tmp_path):
+def saved_model_and_corpus(model_tok, tmp_path) -> tuple[Path, Path]:
+    """The model as a save_pretrained directory and TEXTS as a .txt corpus, for subprocesses."""
     model, tok = model_tok
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(TEXTS) + "\n")
+    return model_dir, corpus
+
+
+def assert_equals_one_process(model_tok, corpus: Path, got: dict[int, torch.Tensor]) -> None:
+    """``got`` (layers 0 and 2, from several processes) equals one process's C."""
+    model, tok = model_tok
+    single = second_moment(model, [0, 2], corpus, tokenizer=tok, n_samples=100, max_length=32,
+                           batch_size=3, dtype="float64", use_cache=False, progress=False)
+    assert sorted(got) == [0, 2]
+    for layer in (0, 2):  # other batches (other padding) change keys at float32 precision
+        scale = float(single[layer].abs().max())
+        torch.testing.assert_close(got[layer], single[layer], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_distributed_two_processes_equal_single_process(model_tok, tmp_path):
+    model_dir, corpus = saved_model_and_corpus(model_tok, tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "dist.safetensors"
@@ -317,11 +334,7 @@ def test_distributed_two_processes_equal_single_process(model_tok, tmp_path):
     dist = load_file(str(out))
     shares = [json.loads(Path(f"{out}.rank{r}.json").read_text())["texts"] for r in range(2)]
     assert shares == [len(TEXTS) // 2, len(TEXTS) // 2]  # each rank read its half
-    single = second_moment(model, [0, 2], corpus, tokenizer=tok, n_samples=100, max_length=32,
-                           batch_size=3, dtype="float64", use_cache=False, progress=False)
-    for layer in (0, 2):  # other batches (other padding) change keys at float32 precision
-        scale = float(single[layer].abs().max())
-        torch.testing.assert_close(dist[f"l{layer}"], single[layer], rtol=1e-5, atol=1e-6 * scale)
+    assert_equals_one_process(model_tok, corpus, {layer: dist[f"l{layer}"] for layer in (0, 2)})
 
 
 def test_cache_dir_defaults_to_editkit_cache(model_tok, tmp_path, monkeypatch):
@@ -356,12 +369,7 @@ def test_stats_cli_computes_and_caches(model_tok, tmp_path, capsys):
 def test_stats_cli_under_torchrun_shards_and_equals_one_process(model_tok, tmp_path):
     """``torchrun --nproc_per_node 2 -m editkit.cli stats``: the CLI joins the gloo group, the
     two ranks split the texts, rank 0 writes the cache, and C equals the one-process C."""
-    model, tok = model_tok
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(TEXTS) + "\n")
+    model_dir, corpus = saved_model_and_corpus(model_tok, tmp_path)
     repo = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{repo}{os.pathsep}{env.get('PYTHONPATH', '')}")
@@ -377,9 +385,5 @@ def test_stats_cli_under_torchrun_shards_and_equals_one_process(model_tok, tmp_p
 
     files = {p.name.split("_")[1]: p for p in (tmp_path / "cache").rglob("mom2_l*.safetensors")}
     assert sorted(files) == ["l0", "l2"]
-    single = second_moment(model, [0, 2], corpus, tokenizer=tok, n_samples=100, max_length=32,
-                           batch_size=3, dtype="float64", use_cache=False, progress=False)
-    for layer in (0, 2):  # other batches (other padding) change keys at float32 precision
-        sharded = load_file(str(files[f"l{layer}"]))["mom2"]
-        scale = float(single[layer].abs().max())
-        torch.testing.assert_close(sharded, single[layer], rtol=1e-5, atol=1e-6 * scale)
+    assert_equals_one_process(model_tok, corpus, {
+        layer: load_file(str(files[f"l{layer}"]))["mom2"] for layer in (0, 2)})

@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from editkit.errors import EditkitError
+from editkit.cli.common import errors_exit_2
 from editkit.eval.report import compare
 
 
@@ -26,19 +25,12 @@ def add_parser(subparsers: Any) -> None:
     c.set_defaults(func=run)
 
 
-def _compare(args: argparse.Namespace) -> int:
+@errors_exit_2
+def run(args: argparse.Namespace) -> int:
+    """Run ``editkit compare``; 0 on success, 2 on a typed error (printed to stderr)."""
     table = compare(args.results, title=args.title)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table, encoding="utf-8")
     print(table, end="")
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``editkit compare``; 0 on success, 2 on a typed error (printed to stderr)."""
-    try:
-        return _compare(args)
-    except EditkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from editkit.cli.common import load_model
+from editkit.cli.common import errors_exit_2, load_model
 from editkit.errors import EditkitError, InvalidHyperParamsError
 from editkit.eval.datasets import load_dataset
 from editkit.eval.generation import GenerationConfig
@@ -96,7 +95,9 @@ def _hparams(text: str | None) -> dict[str, Any] | None:
     return data
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+@errors_exit_2
+def run(args: argparse.Namespace) -> int:
+    """Run ``editkit eval``; 0 on success, 2 on a typed error (printed to stderr)."""
     if (args.idf is None) != (args.references is None):
         raise EditkitError("RS needs both --idf and --references (or neither)")
     references = ReferenceTable.from_files(args.idf, args.references) if args.idf else None
@@ -136,12 +137,3 @@ def _run_eval(args: argparse.Namespace) -> int:
     print(f"\nwrote {out / RESULTS_FILE}, {out / REPORT_FILE}"
           + (f", {out / PLOT_FILE}" if plot else ""))
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``editkit eval``; 0 on success, 2 on a typed error (printed to stderr)."""
-    try:
-        return _run_eval(args)
-    except EditkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
