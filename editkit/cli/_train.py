@@ -28,8 +28,8 @@ from editkit.registry import get_method
 from editkit.testbed import FactWorld
 
 
-def add_train_parser(subparsers: Any, method: str) -> None:
-    """Register ``train-<method>``."""
+def add_train_parser(subparsers: Any, method: str) -> argparse.ArgumentParser:
+    """Register ``train-<method>`` (its caller sets ``func``); returns its parser."""
     p = subparsers.add_parser(
         f"train-{method}", help=f"train a {method.upper()} hypernetwork for a model",
         description=f"Train the {method.upper()} hypernetwork on edit records, with "
@@ -63,7 +63,8 @@ def add_train_parser(subparsers: Any, method: str) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(learned_method=method, func=run_train)
+    p.set_defaults(learned_method=method)
+    return p
 
 
 def _json_arg(value: str | None) -> dict[str, Any]:

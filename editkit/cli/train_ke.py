@@ -13,7 +13,7 @@ from editkit.cli._train import add_train_parser, run_train
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``train-ke`` subcommand."""
-    add_train_parser(subparsers, "ke")
+    add_train_parser(subparsers, "ke").set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

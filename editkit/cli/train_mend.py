@@ -13,7 +13,7 @@ from editkit.cli._train import add_train_parser, run_train
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``train-mend`` subcommand."""
-    add_train_parser(subparsers, "mend")
+    add_train_parser(subparsers, "mend").set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
