@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from editkit.errors import ReplayMismatchError, UnsupportedModelError
+from editkit.nethooks import HookSet
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]
 Positions = tuple[torch.Tensor, torch.Tensor]
 
 
-class BlockCalls:
+class BlockCalls(HookSet):
     """Forward pre-hooks (with kwargs) that record what blocks ``layers`` are called with.
 
     ``with BlockCalls(blocks) as rec: model(...)``; then ``rec.calls[i]`` is block i's
@@ -41,30 +42,20 @@ class BlockCalls:
     """
 
     def __init__(self, blocks: nn.ModuleList, layers: Iterable[int] | None = None) -> None:
+        super().__init__()
         self.blocks = blocks
         self.layers = list(range(len(blocks)) if layers is None else layers)
         self.calls: dict[int, Call] = {}
-        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        for i in self.layers:
+            def hook(module, args, kwargs, i=i):
+                self.calls[i] = (tuple(args), dict(kwargs))
+            self._handles.append(self.blocks[i].register_forward_pre_hook(hook, with_kwargs=True))
 
     def __enter__(self) -> BlockCalls:
-        try:
-            for i in self.layers:
-                def hook(module, args, kwargs, i=i):
-                    self.calls[i] = (tuple(args), dict(kwargs))
-                self._handles.append(self.blocks[i].register_forward_pre_hook(
-                    hook, with_kwargs=True))
-        except BaseException:
-            self.close()
-            raise
+        super().__enter__()
         return self
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def result(self) -> list[Call]:
         """The recorded calls of ``layers``, in order."""

@@ -13,11 +13,12 @@ them to the residual stream; the MLP output ``mlp.down_proj`` is still "the edit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch import nn
 
 from editkit.models.adapter import ModelAdapter
+from editkit.models.llama import ADAPTER as LLAMA
 
 
 @dataclass(frozen=True)
@@ -28,17 +29,9 @@ class Gemma2Adapter(ModelAdapter):
         return math.sqrt(model.config.hidden_size)
 
 
-ADAPTER = Gemma2Adapter(
-    name="gemma2",
-    layers="model.layers",
-    mlp="mlp",
-    mlp_in="mlp.up_proj",
-    mlp_gate="mlp.gate_proj",
-    mlp_out="mlp.down_proj",
-    attn="self_attn",
-    attn_out="self_attn.o_proj",
-    embedding="model.embed_tokens",
-    final_norm="model.norm",
-    lm_head="lm_head",
-    logit_softcap="final_logit_softcapping",
-)
+#: LLaMA's module map (Gemma's module names are LLaMA's), the soft cap declared.
+ADAPTER = Gemma2Adapter(**{
+    **{f.name: getattr(LLAMA, f.name) for f in fields(LLAMA)},
+    "name": "gemma2",
+    "logit_softcap": "final_logit_softcapping",
+})
