@@ -310,3 +310,40 @@ def test_tracing_gemma2_equals_the_oracle_and_refuses_a_wrong_adapter(gemma2):
     assert float(np.ptp(fast["hidden"].scores)) > 1e-3  # restorations do move P(answer)
     with pytest.raises(ReplayMismatchError, match="trace_naive"):
         causal_trace(model, tok, "The city of {} is in", "Paris", adapter=_uncapped(), **kw)
+
+
+# ------------------------------------------------------------- transformers-version shims
+def test_compat_shims(gpt2_and_tok, gemma2):
+    from editkit.models import compat
+
+    model, tok = gpt2_and_tok
+    ids = _inputs(tok)
+    name = compat.cache_argument(model)
+    assert name in compat.CACHE_ARGUMENTS
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        n_layers, n = get_adapter(model).num_layers(model), ids.shape[1]
+        kv = compat.cache_tensors(out, n_layers, n)
+        assert kv is not None and len(kv) == n_layers and kv[0][0].shape[-2] == n
+        assert compat.cache_tensors(out, n_layers, n + 1) is None  # wrong length: unusable
+        # a filled cache continues the forward exactly as the model's own cache does
+        nxt = ids[:, -1:]
+        own = model(nxt, use_cache=True, **{name: compat.cache_of(out)}).logits
+        out = model(ids, use_cache=True)  # the previous call extended its cache in place
+        ours = model(nxt, use_cache=True, **{name: compat.filled_cache(
+            compat.cache_tensors(out, n_layers, n))}).logits
+        torch.testing.assert_close(ours, own)
+    k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4)
+    keys, values = compat.prefix_cache(k, v).update(k[:, :, :1], v[:, :, :1], 0)
+    assert torch.equal(keys, torch.cat([k, k[:, :, :1]], dim=-2)) and values.shape[-2] == 4
+    cache = compat.filled_cache([(k, v)])
+    assert compat.is_cache(cache) and not compat.is_cache((k, v))
+    swapped = compat.swap_cache(((1, cache), {"cache": cache, "x": k}), "new")
+    assert swapped == ((1, "new"), {"cache": "new", "x": k})
+    assert compat.same_calls(((k,), {"c": cache}), ((k.clone(),), {"c": "other"})) is False
+    assert compat.same_calls(((k,), {"c": cache}), ((k.clone(),), {"c": compat.filled_cache([])}))
+    t = torch.zeros(2)
+    assert compat.block_output_hidden((t, None)) is t and compat.block_output_hidden(t) is t
+    assert not compat.embedding_module_scales(torch.nn.Embedding(3, 2))
+    gemma, _ = gemma2
+    assert compat.embedding_module_scales(gemma.get_input_embeddings())
