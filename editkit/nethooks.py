@@ -17,7 +17,9 @@ class StopForward(Exception):
 
 
 def hidden_of(output: Any) -> torch.Tensor:
-    """The hidden-state tensor of a module output (blocks and attention may return tuples)."""
+    """The hidden-state tensor of a module output (attention modules return ``(out, weights)``,
+    blocks a tuple in transformers 4.x). Replaying a block goes through the adapter's
+    ``call_block`` instead (:mod:`editkit.models.compat` keeps the version differences)."""
     return output[0] if isinstance(output, tuple) else output
 
 
