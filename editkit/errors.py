@@ -30,10 +30,9 @@ class UnsupportedModelError(EditkitError, KeyError):
 class ReplayMismatchError(UnsupportedModelError):
     """Re-running a model's blocks and head does not reproduce the model's own forward.
 
-    The model's ``ModelAdapter`` misses part of the family's forward (a logit soft-cap, an
-    embedding scale, a block call convention), so anything computed on the replay (a v*
-    optimisation, a causal trace) would be computed on the wrong logits. Raised before
-    anything is edited.
+    The model's ``ModelAdapter`` misses part of the family's forward (a logit soft-cap or
+    scale, a block call convention), so anything computed on the replay (a v* optimisation, a
+    causal trace) would be computed on the wrong logits. Raised before anything is edited.
     """
 
 

@@ -111,7 +111,7 @@ def check_replay(replayed: torch.Tensor, full: torch.Tensor, family: str, what: 
         raise ReplayMismatchError(
             f"replaying the blocks and head of this {family} model does not reproduce its own "
             f"forward ({what}: max |Δlogit| = {err:.3g} > {tol:.3g}); its ModelAdapter misses "
-            "part of the family's forward (a logit soft-cap, an embedding scale, a block call "
+            "part of the family's forward (a logit soft-cap or scale, a block call "
             "convention). Register an adapter that declares it (see docs/adapters.md); "
             "nothing was edited"
         )

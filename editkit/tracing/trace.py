@@ -694,7 +694,7 @@ class CausalTracer:
                 f"the block-by-block forward of this {self.adapter.name} model gives "
                 f"P={p:.6g} but the full forward gives P={runs.p_corrupt:.6g}; its forward "
                 "does more than its ModelAdapter declares (blocks in order, then the adapter's "
-                "head: a logit soft-cap, an embedding scale?); declare it in the adapter "
+                "head: a logit soft-cap or scale?); declare it in the adapter "
                 "(docs/adapters.md) or use editkit.tracing.naive.trace_naive"
             )
         for t in range(max(b, 1), tp.n_tokens):
