@@ -27,6 +27,15 @@ class UnsupportedModelError(EditkitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ReplayMismatchError(UnsupportedModelError):
+    """Re-running a model's blocks and head does not reproduce the model's own forward.
+
+    The model's ``ModelAdapter`` misses part of the family's forward (a logit soft-cap or
+    scale, a block call convention), so anything computed on the replay (a v* optimisation, a
+    causal trace) would be computed on the wrong logits. Raised before anything is edited.
+    """
+
+
 class UnknownMethodError(EditkitError, KeyError):
     """No editing method is registered under the requested name."""
 

@@ -17,7 +17,9 @@ class StopForward(Exception):
 
 
 def hidden_of(output: Any) -> torch.Tensor:
-    """The hidden-state tensor of a module output (blocks and attention may return tuples)."""
+    """The hidden-state tensor of a module output (attention modules return ``(out, weights)``,
+    blocks a tuple in transformers 4.x). Replaying a block goes through the adapter's
+    ``call_block`` instead (:mod:`editkit.models.compat` keeps the version differences)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -29,7 +31,38 @@ def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
 EditFn = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-class Trace:
+class HookSet:
+    """Hooks that exist only inside a ``with`` block.
+
+    A subclass registers its hooks in :meth:`install` and appends the handles to
+    ``self._handles``; they are removed when the block ends, or at once if installing fails.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> HookSet:
+        try:
+            self.install()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return False
+
+
+class Trace(HookSet):
     """Hook several modules of ``model`` by name for the duration of a ``with`` block.
 
     - ``retain_input`` / ``retain_output``: store the (first positional) input and the hidden
@@ -51,13 +84,13 @@ class Trace:
         stop: bool = False,
         detach: bool = True,
     ) -> None:
+        super().__init__()
         self.names = list(dict.fromkeys(names))
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._model = model
         self._retain_input, self._retain_output = retain_input, retain_output
         self._edit, self._stop, self._detach = edit_output, stop, detach
-        self._handles: list[Any] = []
         self._remaining: set[str] = set()
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
@@ -79,23 +112,15 @@ class Trace:
 
         return hook
 
-    def __enter__(self) -> Trace:
+    def install(self) -> None:
         self._remaining = set(self.names)
-        try:
-            for name in self.names:
-                module = self._model.get_submodule(name)
-                self._handles.append(
-                    module.register_forward_hook(self._hook(name), with_kwargs=True)
-                )
-        except BaseException:
-            self.close()
-            raise
-        return self
+        for name in self.names:
+            module = self._model.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
 
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def __enter__(self) -> Trace:
+        super().__enter__()
+        return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close()

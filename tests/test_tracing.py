@@ -367,7 +367,7 @@ def test_cli_trace_prompt_data_and_suggest_layer(gpt2_sharp, tmp_path, capsys):
 
 def test_a_forward_that_is_not_just_the_blocks_is_refused(bytelevel_tokenizer):
     """The fast path replays blocks itself; a model whose forward does more is detected."""
-    from editkit.errors import UnsupportedModelError
+    from editkit.errors import ReplayMismatchError, UnsupportedModelError
 
     model = sharp_model("gpt2", bytelevel_tokenizer, 3)
     plain_forward = model.forward
@@ -378,5 +378,32 @@ def test_a_forward_that_is_not_just_the_blocks_is_refused(bytelevel_tokenizer):
         return out
 
     model.forward = forward
-    with pytest.raises(UnsupportedModelError, match="trace_naive"):
+    with pytest.raises(ReplayMismatchError, match="trace_naive") as info:
         causal_trace(model, bytelevel_tokenizer, PROMPT, SUBJECT, samples=2, noise_std=1.0)
+    assert isinstance(info.value, UnsupportedModelError)  # existing except clauses still work
+
+
+def test_the_oracle_uses_only_public_names_of_the_tracing_modules():
+    """naive.py shares the experiment's definition, not the fast tracer's internals."""
+    import ast
+    import inspect
+
+    from editkit.tracing import naive
+
+    tree = ast.parse(inspect.getsource(naive))
+    imported = [(node.module, alias.name) for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("editkit")
+                for alias in node.names]
+    assert imported, "naive.py imports its set-up from editkit"
+    assert not [name for _, name in imported if name.startswith("_")]
+    assert "editkit.tracing.trace" not in {module for module, _ in imported}
+
+
+def test_split_modules_keep_the_old_import_paths():
+    from editkit.tracing import corruption, kinds, results, trace
+
+    assert trace.TraceResult is results.TraceResult and trace.GROUPS is results.GROUPS
+    assert trace.check_kinds is kinds.check_kinds and trace.SEVERED_KINDS is kinds.SEVERED_KINDS
+    assert trace.DEFAULT_NOISE == corruption.DEFAULT_NOISE == 3.0
+    for name in trace.__all__:
+        assert getattr(trace, name) is not None

@@ -9,7 +9,6 @@ evaluation sampled with top-k = 5) with a seeded generator is optional.
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from editkit.models import compat
 from editkit.tokens import encode
 
 
@@ -51,18 +51,6 @@ def _choose(logits: torch.Tensor, config: GenerationConfig,
     return indices.gather(-1, pick).squeeze(-1)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """Name of the key/value-cache argument of ``model.forward`` (``cache`` in newer
-    transformers, ``past_key_values`` before)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(output) -> object:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else getattr(output, "past_key_values", None)
-
-
 def context_length(model: nn.Module) -> int | None:
     """The model's maximum sequence length from its config, if it declares one."""
     config = getattr(model, "config", None)
@@ -91,7 +79,7 @@ def generate_ids(model: nn.Module, tokenizer, prompts: Sequence[str],
     if config.top_k is not None:
         generator = torch.Generator().manual_seed(config.seed)
     eos = tokenizer.eos_token_id
-    cache_arg = _cache_kwarg(model)
+    cache_arg = compat.cache_argument(model) or "past_key_values"
     limit = context_length(model)
     result: list[tuple[list[int], list[int]]] = [([], [])] * len(prompts)
     for length in sorted(by_length):
@@ -121,7 +109,7 @@ def generate_ids(model: nn.Module, tokenizer, prompts: Sequence[str],
                 if step + 1 < steps:
                     out = model(input_ids=nxt[:, None], use_cache=True,
                                 attention_mask=mask[:, :length + step + 1],
-                                **{cache_arg: _cache_of(out)})
+                                **{cache_arg: compat.cache_of(out)})
             for j, i in enumerate(chunk):
                 result[i] = (encoded[i], new[j])
     return result

@@ -11,8 +11,14 @@
 - :func:`trace_records`, :func:`average_indirect_effect`, :func:`aie_by_kind`: AIE over facts.
 - :func:`suggest_layer`, :func:`layer_sweep`: which layer to edit.
 - :mod:`editkit.tracing.plots`: heatmaps, AIE curves, severed bars, sweep plots.
+
+Modules: ``kinds`` (what is restored, windows), ``corruption`` (noise, prompt preparation),
+``results`` (``TraceResult``, AIE), ``trace`` (the fast tracer), ``naive`` (the oracle),
+``layers`` (layer choice), ``plots``; block replay is :mod:`editkit.replay`.
 """
 
+from editkit.tracing.corruption import embedding_std, make_noise, subject_token_range
+from editkit.tracing.kinds import ALL_KINDS, KINDS, SEVERED_KINDS, default_window, window_layers
 from editkit.tracing.layers import (
     LayerSuggestion,
     SweepResult,
@@ -32,25 +38,15 @@ from editkit.tracing.plots import (
     plot_traces,
     save_figure,
 )
-from editkit.tracing.trace import (
-    ALL_KINDS,
+from editkit.tracing.results import (
     GROUPS,
-    KINDS,
-    SEVERED_KINDS,
     AIEResult,
-    CausalTracer,
     TraceResult,
     aie_by_kind,
     average_indirect_effect,
-    causal_trace,
-    default_window,
-    embedding_std,
-    make_noise,
-    subject_token_range,
     token_groups,
-    trace_records,
-    window_layers,
 )
+from editkit.tracing.trace import CausalTracer, causal_trace, trace_records
 
 __all__ = [
     "ALL_KINDS", "GROUPS", "KINDS", "SEVERED_KINDS", "AIEResult", "CausalTracer",

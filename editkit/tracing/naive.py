@@ -8,10 +8,12 @@ the MLP (or attention) output of the restored token in every layer with its valu
 corrupted run, as the paper's Fig. 7 experiment does (at layers at or below l this changes
 nothing, so the fast implementation only freezes the layers above l).
 
-It shares only the set-up (tokenization, subject range, answer token, noise) with
-:mod:`editkit.tracing.trace`, so the two compute the same quantity through independent
-forward machinery; the test-suite checks they agree to 1e-4. It is slow (~3·T·L forwards per
-prompt) and meant as the oracle and the baseline of ``benchmarks/bench_tracing.py``.
+It shares only the set-up (kinds and windows, tokenization, subject range, answer token,
+noise: :mod:`~editkit.tracing.kinds`, :mod:`~editkit.tracing.corruption`) and the result type
+(:mod:`~editkit.tracing.results`) with the fast tracer :mod:`editkit.tracing.trace`, so the two
+compute the same quantity through independent forward machinery; the test-suite checks they
+agree to 1e-4. It is slow (~3·T·L forwards per prompt) and meant as the oracle and the
+baseline of ``benchmarks/bench_tracing.py``.
 """
 
 from __future__ import annotations
@@ -23,24 +25,27 @@ import torch
 from torch import nn
 
 from editkit.nethooks import Trace
-from editkit.tracing.trace import (
-    _FREEZE_OF_KIND,
-    _SLOT_OF_KIND,
+from editkit.tracing.corruption import (
     DEFAULT_NOISE,
     DEFAULT_SAMPLES,
-    KINDS,
-    TraceResult,
-    _check_window,
-    _eval_mode,
-    _model_device,
     answer_probs,
-    check_kinds,
     corrupt,
+    embedding_noise,
     embedding_std,
+    eval_mode,
+    model_device,
     prepare_prompt,
     weight_embedding_std,
+)
+from editkit.tracing.kinds import (
+    FREEZE_OF_KIND,
+    KINDS,
+    SLOT_OF_KIND,
+    check_kinds,
+    check_window,
     window_layers,
 )
+from editkit.tracing.results import TraceResult
 
 
 def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
@@ -54,7 +59,7 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
     adapter = adapter or get_adapter(model)
     kinds = check_kinds(kinds)
     L = adapter.num_layers(model)
-    window = _check_window(window, L)
+    window = check_window(window, L)
     if noise_std is None:
         sigma = (embedding_std(model, tokenizer, texts, adapter) if texts
                  else weight_embedding_std(model, adapter))
@@ -64,15 +69,17 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
     tp = prepare_prompt(tokenizer, prompt, subject, target, hidden_size=hidden,
                         samples=samples, noise_std=float(noise_std), seed=seed)
     T = tp.n_tokens
-    ids = torch.tensor([tp.input_ids], device=_model_device(model))
+    ids = torch.tensor([tp.input_ids], device=model_device(model))
     noisy_ids = ids.expand(samples, -1)
     names = {slot: [adapter.module_name(slot, i) for i in range(L)]
              for slot in ("block", "mlp", "attn")}
 
-    def add_noise(h: torch.Tensor) -> torch.Tensor:
-        return corrupt(h, tp.noise, tp.subject_range)
+    noise = embedding_noise(model, adapter, tp.noise)
 
-    with _eval_mode(model):
+    def add_noise(h: torch.Tensor) -> torch.Tensor:
+        return corrupt(h, noise, tp.subject_range)
+
+    with eval_mode(model):
         # clean run: every state we may restore
         all_names = names["block"] + names["mlp"] + names["attn"]
         with Trace(model, all_names, retain_output=True) as clean:
@@ -109,7 +116,7 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
 
         results = {}
         for kind in kinds:
-            slot, freeze = _SLOT_OF_KIND[kind], _FREEZE_OF_KIND.get(kind)
+            slot, freeze = SLOT_OF_KIND[kind], FREEZE_OF_KIND.get(kind)
             scores = np.zeros((T, L), dtype=np.float64)
             for t in range(T):
                 for layer in range(L):

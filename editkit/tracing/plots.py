@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from editkit.tracing.trace import GROUPS, AIEResult, TraceResult
+from editkit.tracing.results import GROUPS, AIEResult, TraceResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

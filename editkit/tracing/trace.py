@@ -58,8 +58,15 @@ Each shortcut is checked numerically on a model's first prompt and switched off 
 reproduce the model.
 
 Everything goes through the model's :class:`~editkit.models.adapter.ModelAdapter` (slots
-``embedding``, ``block``, ``mlp``, ``attn``, ``final_norm``, ``lm_head``), so every
-registered family works.
+``embedding``, ``block``, ``mlp``, ``attn``, ``attn_out``; its ``call_block`` and ``head``), so
+every registered family works, and a family whose forward is more than its blocks and head is
+refused with :class:`~editkit.errors.ReplayMismatchError` (use the straightforward tracer).
+
+This module is the fast tracer. The experiment's definition lives beside it:
+:mod:`~editkit.tracing.kinds` (what is restored), :mod:`~editkit.tracing.corruption` (noise,
+prompt preparation), :mod:`~editkit.tracing.results` (results, AIE); the recording of block
+calls is :mod:`editkit.replay`'s and the transformers cache plumbing is
+:mod:`editkit.models.compat`'s.
 """
 
 from __future__ import annotations
@@ -68,13 +75,10 @@ import bisect
 import contextlib
 import functools
 import gc
-import inspect
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,108 +86,56 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from editkit.errors import InvalidHyperParamsError, InvalidRequestError, UnsupportedModelError
+from editkit.errors import InvalidHyperParamsError, InvalidRequestError, ReplayMismatchError
+from editkit.models import compat
 from editkit.nethooks import Trace, hidden_of, with_hidden
+from editkit.replay import BlockCalls, Call, expand_batch
 from editkit.requests import EditRequest
-from editkit.tokens import encode, fill, prompt_target_ids, subject_char_span, token_index_at_char
+from editkit.tracing.corruption import (
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    TracePrompt,
+    answer_probs,
+    corrupt,
+    embedding_noise,
+    embedding_std,
+    eval_mode,
+    make_noise,
+    model_device,
+    prepare_prompt,
+    subject_token_range,
+    weight_embedding_std,
+)
+from editkit.tracing.kinds import (
+    ALL_KINDS,
+    FREEZE_OF_KIND,
+    KINDS,
+    SEVERED_KINDS,
+    SLOT_OF_KIND,
+    check_kinds,
+    check_window,
+    default_window,
+    window_layers,
+)
+from editkit.tracing.results import (
+    GROUPS,
+    AIEResult,
+    TraceResult,
+    aie_by_kind,
+    average_indirect_effect,
+    token_groups,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Restoration kinds: hidden state (block output), MLP output, attention output.
-KINDS = ("hidden", "mlp", "attn")
-#: Hidden-state restoration with the MLP / attention outputs of the restored token above the
-#: restored layer frozen at their corrupted values (paper Fig. 7).
-SEVERED_KINDS = ("hidden_sever_mlp", "hidden_sever_attn")
-ALL_KINDS = KINDS + SEVERED_KINDS
-
-#: Token groups of the AIE (paper Fig. 2).
-GROUPS = (
-    "first subject token",
-    "middle subject tokens",
-    "last subject token",
-    "first subsequent token",
-    "further tokens",
-    "last token",
-)
-
-#: The paper's noise level: ν = 3σ.
-DEFAULT_NOISE = 3.0
-#: The paper's number of noise samples.
-DEFAULT_SAMPLES = 10
-#: The paper's MLP/attention window (GPT-2 XL, 48 layers).
-PAPER_WINDOW = 10
-
-_SLOT_OF_KIND = {"hidden": "block", "mlp": "mlp", "attn": "attn",
-                 "hidden_sever_mlp": "block", "hidden_sever_attn": "block"}
-_FREEZE_OF_KIND = {"hidden_sever_mlp": "mlp", "hidden_sever_attn": "attn"}
-
-
-# --------------------------------------------------------------------------- helpers
-def check_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
-    """Normalise ``kinds`` to a tuple of known kinds, raising a typed error otherwise."""
-    items = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    bad = [k for k in items if k not in ALL_KINDS]
-    if bad or not items:
-        raise InvalidHyperParamsError(
-            f"unknown tracing kind(s) {bad or items!r}; use any of {ALL_KINDS}"
-        )
-    return tuple(dict.fromkeys(items))
-
-
-def default_window(n_layers: int) -> int:
-    """MLP/attention window for a model with ``n_layers`` blocks.
-
-    The paper uses w = 10 on GPT-2 XL (48 layers). On a small model a window of 10 would cover
-    the whole network and every column of the trace would be the same, so the window is scaled
-    to keep the paper's fraction of the depth: ``round(10 · L / 48)``, between 1 and 10.
-    """
-    return max(1, min(PAPER_WINDOW, round(PAPER_WINDOW * n_layers / 48)))
-
-
-def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """Layers restored for a window of ``window`` layers centred on ``layer``.
-
-    ``[layer − ⌊w/2⌋, layer + ⌈w/2⌉)`` clipped to ``[0, n_layers)``, as in the paper's code
-    (for w = 10: the five layers below ``layer``, ``layer`` itself and the four above it).
-    """
-    return range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2))
-
-
-def _check_window(window: int | None, n_layers: int) -> int:
-    if window is None:
-        return default_window(n_layers)
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise InvalidHyperParamsError(f"window={window!r} must be a positive integer")
-    return window
-
-
-def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
-    """Token range ``[first, last + 1)`` of the subject in ``fill(prompt, subject)``.
-
-    Character based (see :mod:`editkit.tokens`): the first subject token is the token that
-    contains the subject's first character, the last one the last token that overlaps it.
-    """
-    start, end = subject_char_span(prompt, subject)
-    text = fill(prompt, subject)
-    first = token_index_at_char(tokenizer, text, start + 1, start)
-    last = token_index_at_char(tokenizer, text, end, start)
-    return first, last + 1
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Dropout off while tracing; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+#: Names defined in the modules this one was split into, importable from here as before.
+__all__ = [
+    "ALL_KINDS", "DEFAULT_NOISE", "DEFAULT_SAMPLES", "GROUPS", "KINDS", "SEVERED_KINDS",
+    "AIEResult", "CausalTracer", "TracePrompt", "TraceResult", "aie_by_kind", "answer_probs",
+    "as_trace_requests", "average_indirect_effect", "causal_trace", "check_kinds", "corrupt",
+    "default_window", "embedding_std", "make_noise", "prepare_prompt", "subject_token_range",
+    "token_groups", "trace_records", "weight_embedding_std", "window_layers",
+]
 
 
 @contextlib.contextmanager
@@ -202,396 +154,6 @@ def _gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-@torch.no_grad()
-def embedding_std(model: nn.Module, tokenizer, texts: Sequence[str], adapter=None) -> float:
-    """σ: standard deviation of the token embeddings of ``texts`` (all tokens, all dims).
-
-    The corruption noise is ν = 3σ (paper §2.1; the paper measures σ over the subjects of its
-    fact set). Uses the adapter's ``embedding`` slot.
-    """
-    from editkit.registry import get_adapter
-
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise InvalidRequestError(
-            "embedding_std needs at least one non-empty text; pass the subjects of your facts "
-            "or any sample of ordinary text"
-        )
-    adapter = adapter or get_adapter(model)
-    emb = adapter.module(model, "embedding")
-    device = _model_device(model)
-    total = total_sq = 0.0
-    count = 0
-    for text in texts:
-        ids = torch.tensor([encode(tokenizer, text)], device=device)
-        e = hidden_of(emb(ids)).double()
-        total += float(e.sum())
-        total_sq += float((e * e).sum())
-        count += e.numel()
-    mean = total / count
-    return math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
-
-
-def weight_embedding_std(model: nn.Module, adapter=None) -> float:
-    """Fallback σ when no text sample is given: std of the embedding matrix's entries."""
-    from editkit.registry import get_adapter
-
-    adapter = adapter or get_adapter(model)
-    return float(adapter.module(model, "embedding").weight.detach().double().std())
-
-
-def make_noise(samples: int, n_tokens: int, hidden: int, scale: float, seed: int) -> torch.Tensor:
-    """The corruption ε ~ N(0, scale²) of shape (samples, subject tokens, hidden), seeded.
-
-    Drawn on the CPU with its own ``torch.Generator`` so the same seed gives the same noise on
-    every device, for every kind, and for the fast and the straightforward implementation.
-    """
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn((samples, n_tokens, hidden), generator=gen, dtype=torch.float32) * scale
-
-
-def corrupt(hidden: torch.Tensor, noise: torch.Tensor, subject_range: tuple[int, int]
-            ) -> torch.Tensor:
-    """Embeddings ``hidden`` (n, T, d) with ``noise`` (n, s, d) added at the subject tokens."""
-    b, e = subject_range
-    out = hidden.clone()
-    out[:, b:e] = out[:, b:e] + noise.to(device=out.device, dtype=out.dtype)
-    return out
-
-
-@dataclass
-class TracePrompt:
-    """A tokenized prompt ready to trace: subject range, answer token, corruption noise."""
-
-    prompt: str
-    subject: str
-    text: str
-    input_ids: list[int]
-    tokens: list[str]
-    subject_range: tuple[int, int]
-    answer: str
-    answer_id: int | None
-    noise: torch.Tensor
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.input_ids)
-
-
-def prepare_prompt(tokenizer, prompt: str, subject: str, target: str | None, *,
-                   hidden_size: int, samples: int, noise_std: float, seed: int) -> TracePrompt:
-    """Tokenize, locate the subject, pick the answer's first token, draw the noise.
-
-    ``target=None`` leaves ``answer_id`` unset: the caller uses the model's own prediction.
-    """
-    if prompt.count("{}") != 1:
-        raise InvalidRequestError(
-            f"prompt {prompt!r} must contain exactly one '{{}}' where the subject goes, "
-            "e.g. '{} was born in'"
-        )
-    if not isinstance(subject, str) or not subject.strip():
-        raise InvalidRequestError(f"subject {subject!r} must be a non-empty string")
-    if not isinstance(samples, int) or samples < 1:
-        raise InvalidHyperParamsError(f"samples={samples!r} must be a positive integer")
-    text = fill(prompt, subject)
-    ids = encode(tokenizer, text)
-    b, e = subject_token_range(tokenizer, prompt, subject)
-    answer, answer_id = "", None
-    if target is not None:
-        if not target.strip():
-            raise InvalidRequestError(f"target {target!r} is empty; give the expected answer")
-        _, target_ids = prompt_target_ids(tokenizer, text, target)
-        answer, answer_id = target.strip(), int(target_ids[0])
-    return TracePrompt(
-        prompt=prompt, subject=subject, text=text, input_ids=ids,
-        tokens=[tokenizer.decode([i]) for i in ids], subject_range=(b, e),
-        answer=answer, answer_id=answer_id,
-        noise=make_noise(samples, e - b, hidden_size, noise_std, seed),
-    )
-
-
-# --------------------------------------------------------------------------- results
-@dataclass
-class TraceResult:
-    """Causal trace of one prompt for one kind.
-
-    ``scores[i, l]`` is P(answer) averaged over the noise samples after restoring token i at
-    layer l (window centred on l for MLP/attention); ``indirect_effects = scores − p_corrupt``.
-    """
-
-    kind: str
-    scores: np.ndarray
-    p_clean: float
-    p_corrupt: float
-    tokens: list[str]
-    subject_range: tuple[int, int]
-    window: int
-    prompt: str = ""
-    subject: str = ""
-    answer: str = ""
-    answer_id: int | None = None
-    samples: int = DEFAULT_SAMPLES
-    noise_std: float = 0.0
-    correct_prediction: bool = True
-
-    @property
-    def indirect_effects(self) -> np.ndarray:
-        return self.scores - self.p_corrupt
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.scores.shape[1])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind, "scores": self.scores.tolist(), "p_clean": self.p_clean,
-            "p_corrupt": self.p_corrupt, "tokens": list(self.tokens),
-            "subject_range": list(self.subject_range), "window": self.window,
-            "prompt": self.prompt, "subject": self.subject, "answer": self.answer,
-            "answer_id": self.answer_id, "samples": self.samples, "noise_std": self.noise_std,
-            "correct_prediction": self.correct_prediction,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TraceResult:
-        d = dict(data)
-        d["scores"] = np.asarray(d["scores"], dtype=np.float64)
-        d["subject_range"] = tuple(d["subject_range"])
-        return cls(**d)
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
-
-
-@dataclass
-class AIEResult:
-    """Average indirect effect over facts, per token group and layer (paper Fig. 2).
-
-    ``mean[g, l]`` and ``stderr[g, l]`` for group ``groups[g]``; ``counts[g]`` facts had that
-    group. Within a fact, the middle subject tokens (and the further tokens) are averaged
-    first, so every fact counts once and the standard error is std / √count.
-    """
-
-    kind: str
-    window: int
-    groups: list[str]
-    mean: np.ndarray
-    stderr: np.ndarray
-    counts: list[int]
-    n_facts: int
-    p_clean: float
-    p_corrupt: float
-
-    @property
-    def total_effect(self) -> float:
-        """Average total effect P(o) − P*(o)."""
-        return self.p_clean - self.p_corrupt
-
-    def curve(self, group: str = "last subject token") -> np.ndarray:
-        return self.mean[self.groups.index(group)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind, "window": self.window, "groups": list(self.groups),
-            "mean": self.mean.tolist(), "stderr": self.stderr.tolist(),
-            "counts": list(self.counts), "n_facts": self.n_facts, "p_clean": self.p_clean,
-            "p_corrupt": self.p_corrupt, "total_effect": self.total_effect,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AIEResult:
-        d = {k: v for k, v in data.items() if k != "total_effect"}
-        d["mean"] = np.asarray(d["mean"], dtype=np.float64)
-        d["stderr"] = np.asarray(d["stderr"], dtype=np.float64)
-        return cls(**d)
-
-
-def token_groups(n_tokens: int, subject_range: tuple[int, int]) -> dict[str, list[int]]:
-    """Token indices of each AIE group for a prompt (empty lists for absent groups)."""
-    b, e = subject_range
-    last = n_tokens - 1
-    return {
-        "first subject token": [b],
-        "middle subject tokens": list(range(b + 1, e - 1)),
-        "last subject token": [e - 1],
-        "first subsequent token": [e] if e <= last else [],
-        "further tokens": list(range(e + 1, last)),
-        "last token": [last],
-    }
-
-
-def average_indirect_effect(results: Sequence[TraceResult], *, only_correct: bool = False
-                            ) -> AIEResult:
-    """AIE by token group and layer over ``results`` (one kind), with standard errors."""
-    results = [r for r in results if r.correct_prediction or not only_correct]
-    if not results:
-        raise InvalidRequestError("no trace results to average; trace at least one fact")
-    kinds = {r.kind for r in results}
-    layers = {r.n_layers for r in results}
-    if len(kinds) != 1 or len(layers) != 1:
-        raise InvalidRequestError(
-            f"average_indirect_effect needs results of one kind on one model; got kinds "
-            f"{sorted(kinds)} and layer counts {sorted(layers)}"
-        )
-    n_layers = layers.pop()
-    per_group: dict[str, list[np.ndarray]] = {g: [] for g in GROUPS}
-    for r in results:
-        ie = r.indirect_effects
-        for g, idx in token_groups(len(r.tokens), r.subject_range).items():
-            if idx:
-                per_group[g].append(ie[idx].mean(axis=0))
-    mean = np.zeros((len(GROUPS), n_layers))
-    stderr = np.zeros((len(GROUPS), n_layers))
-    counts = []
-    for gi, g in enumerate(GROUPS):
-        rows = np.stack(per_group[g]) if per_group[g] else np.zeros((0, n_layers))
-        counts.append(len(rows))
-        if len(rows):
-            mean[gi] = rows.mean(axis=0)
-        if len(rows) > 1:
-            stderr[gi] = rows.std(axis=0, ddof=1) / math.sqrt(len(rows))
-    return AIEResult(
-        kind=results[0].kind, window=results[0].window, groups=list(GROUPS), mean=mean,
-        stderr=stderr, counts=counts, n_facts=len(results),
-        p_clean=float(np.mean([r.p_clean for r in results])),
-        p_corrupt=float(np.mean([r.p_corrupt for r in results])),
-    )
-
-
-# --------------------------------------------------------------------------- model runs
-Call = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-class _BlockInputs:
-    """Forward pre-hooks (with kwargs) that capture what every block is called with."""
-
-    def __init__(self, blocks: nn.ModuleList) -> None:
-        self.blocks = blocks
-        self.calls: list[Call | None] = [None] * len(blocks)
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _BlockInputs:
-        for i, block in enumerate(self.blocks):
-            def hook(module, args, kwargs, i=i):
-                self.calls[i] = (tuple(args), dict(kwargs))
-            self._handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def result(self) -> list[Call]:
-        if any(c is None for c in self.calls):
-            raise UnsupportedModelError(
-                "a transformer block was not called during the forward; this model's forward "
-                "does not run every block; use editkit.tracing.naive.trace_naive"
-            )
-        return list(self.calls)  # type: ignore[arg-type]
-
-
-def _map_tensors(obj: Any, fn) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
-def _expand_batch(obj: Any, batch: int) -> Any:
-    """Broadcast batch-1 tensors (ndim ≥ 2: masks, positions, rotary tables) to ``batch`` rows."""
-    def expand(t: torch.Tensor) -> torch.Tensor:
-        if t.dim() >= 2 and t.shape[0] == 1 and batch != 1:
-            return t.expand(batch, *t.shape[1:])
-        return t
-    return _map_tensors(obj, expand)
-
-
-def _swap_cache(obj: Any, cache: Any) -> Any:
-    """``obj`` with every ``transformers`` cache object in it replaced by ``cache``."""
-    from transformers.cache_utils import Cache
-
-    if isinstance(obj, Cache):
-        return cache
-    if isinstance(obj, tuple):
-        return tuple(_swap_cache(o, cache) for o in obj)
-    if isinstance(obj, list):
-        return [_swap_cache(o, cache) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _swap_cache(v, cache) for k, v in obj.items()}
-    return obj
-
-
-def _cache_argument(model: nn.Module) -> str | None:
-    """Name of the key/value-cache argument of ``model.forward`` (``cache`` in transformers 5)."""
-    params = inspect.signature(model.forward).parameters
-    return next((n for n in ("cache", "past_key_values") if n in params), None)
-
-
-def _cache_tensors(output: Any, n_layers: int, n_tokens: int
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Per-layer (keys, values) of a model output's cache, or ``None`` if unusable."""
-    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-    try:
-        kv = [(item[0], item[1]) for item in cache]
-    except Exception:  # no cache, or a cache type we cannot read: no prefix reuse
-        return None
-    ok = len(kv) == n_layers and all(
-        isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
-        and k.shape[-2] == n_tokens and v.shape[-2] == n_tokens for k, v in kv)
-    return kv if ok else None
-
-
-def _prefix_cache(keys: torch.Tensor, values: torch.Tensor) -> Any:
-    """A ``transformers`` cache for one block call holding the keys/values of the tokens before
-    the ones being run: the attention gets them with its own tokens' keys/values appended.
-    Nothing is stored, so building one is cheap (no per-layer objects)."""
-    return _prefix_cache_class()(keys, values)
-
-
-@functools.cache
-def _prefix_cache_class() -> type:
-    from transformers import DynamicCache
-
-    class PrefixCache(DynamicCache):
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-            super().__init__()
-            self.prefix = (keys, values)
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            keys, values = self.prefix
-            return (torch.cat([keys, key_states], dim=-2),
-                    torch.cat([values, value_states], dim=-2))
-
-    return PrefixCache
-
-
-def _same_calls(a: Any, b: Any) -> bool:
-    """Whether two captured block calls are the same (tensors equal; cache objects ignored)."""
-    from transformers.cache_utils import Cache
-
-    if isinstance(a, Cache) and isinstance(b, Cache):
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                and a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(map(_same_calls, a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_calls(a[k], b[k]) for k in a)
-    try:
-        return bool(a == b)
-    except Exception:  # incomparable objects: do not share
-        return False
 
 
 class _BatchHooks:
@@ -652,11 +214,6 @@ class _BatchHooks:
         h = hidden_of(output)
         new = self.edit(slot, layer, h)
         return None if new is h else with_hidden(output, new)
-
-
-def answer_probs(logits: torch.Tensor, answer_id: int) -> torch.Tensor:
-    """P(answer) per row from last-position ``logits`` (rows × vocab), in float32."""
-    return torch.softmax(logits.float(), dim=-1)[:, answer_id]
 
 
 @dataclass
@@ -749,7 +306,7 @@ class CausalTracer:
                 logger.info("no text sample for σ: using the std of the embedding matrix")
             self.noise_std = self.noise * sigma
         self.n_layers = self.adapter.num_layers(self.model)
-        self._cache_arg = _cache_argument(self.model) if self.reuse_prefix else None
+        self._cache_arg = compat.cache_argument(self.model) if self.reuse_prefix else None
         self._first_block_ok = self.first_blocks
         self._blocks = self.adapter.blocks(self.model)
 
@@ -775,9 +332,9 @@ class CausalTracer:
         the model's own top-1 next token.
         """
         kinds = check_kinds(kinds)
-        window = _check_window(window, self.n_layers)
+        window = check_window(window, self.n_layers)
         tp = self.prepare(prompt, subject, target)
-        with _eval_mode(self.model), _gc_paused():
+        with eval_mode(self.model), _gc_paused():
             runs = self._runs(tp)
             with self._hooked():
                 if self.verify and not self._verified:
@@ -787,7 +344,7 @@ class CausalTracer:
             k: TraceResult(
                 kind=k, scores=scores[k], p_clean=runs.p_clean, p_corrupt=runs.p_corrupt,
                 tokens=tp.tokens, subject_range=tp.subject_range,
-                window=1 if _SLOT_OF_KIND[k] == "block" else window, prompt=prompt,
+                window=1 if SLOT_OF_KIND[k] == "block" else window, prompt=prompt,
                 subject=subject, answer=tp.answer, answer_id=tp.answer_id,
                 samples=self.samples, noise_std=float(self.noise_std),
                 correct_prediction=runs.top1 == tp.answer_id,
@@ -822,11 +379,11 @@ class CausalTracer:
         return [self.adapter.module_name(slot, i) for i in range(self.n_layers)]
 
     def _runs(self, tp: TracePrompt) -> _Runs:
-        model, device = self.model, _model_device(self.model)
+        model, device = self.model, model_device(self.model)
         ids = torch.tensor([tp.input_ids], device=device)
         blocks, mlps, attns = self._names("block"), self._names("mlp"), self._names("attn")
         emb = self.adapter.module_name("embedding")
-        with _BlockInputs(self.adapter.blocks(model)) as captured, \
+        with BlockCalls(self.adapter.blocks(model)) as captured, \
                 Trace(model, blocks + mlps + attns, retain_output=True) as clean:
             logits = model(input_ids=ids, use_cache=False).logits[:, -1]
         top1 = int(logits[0].argmax())
@@ -834,8 +391,10 @@ class CausalTracer:
             tp.answer_id, tp.answer = top1, self.tokenizer.decode([top1]).strip()
         p_clean = float(answer_probs(logits, tp.answer_id)[0])
 
+        noise = embedding_noise(model, self.adapter, tp.noise)
+
         def add_noise(name: str, h: torch.Tensor) -> torch.Tensor:
-            return corrupt(h, tp.noise, tp.subject_range) if name == emb else h
+            return corrupt(h, noise, tp.subject_range) if name == emb else h
 
         use_cache = self._cache_arg is not None
         with Trace(model, blocks, retain_input=True) as c_in, \
@@ -844,7 +403,7 @@ class CausalTracer:
                 Trace(model, [emb], edit_output=add_noise):
             out = model(input_ids=ids.expand(self.samples, -1), use_cache=use_cache)
         p_corrupt = float(answer_probs(out.logits[:, -1], tp.answer_id).mean())
-        kv = _cache_tensors(out, self.n_layers, tp.n_tokens) if use_cache else None
+        kv = compat.cache_tensors(out, self.n_layers, tp.n_tokens) if use_cache else None
         if use_cache and kv is None:
             logger.info("could not read this model's key/value cache: no prefix reuse")
             self._cache_arg = None
@@ -875,16 +434,14 @@ class CausalTracer:
             runs.suffix_calls[key] = shared
         if key not in runs.suffix_calls:
             ids = torch.tensor([tp.input_ids[start:start + length]],
-                               device=_model_device(self.model))
+                               device=model_device(self.model))
             kwargs: dict[str, Any] = {"use_cache": False}
             if start > 0:
-                from transformers import DynamicCache
-
-                kwargs = {"use_cache": True, self._cache_arg: DynamicCache(ddp_cache_data=[
+                kwargs = {"use_cache": True, self._cache_arg: compat.filled_cache([
                     (k[:1].narrow(-2, 0, start), v[:1].narrow(-2, 0, start))
                     for k, v in runs.kv])}
             try:
-                with _BlockInputs(self.adapter.blocks(self.model)) as captured:
+                with BlockCalls(self.adapter.blocks(self.model)) as captured:
                     self.model(input_ids=ids, **kwargs)
                 runs.suffix_calls[key] = captured.result()
             except Exception as exc:  # a family whose cache we cannot drive
@@ -894,7 +451,7 @@ class CausalTracer:
                 return None
             if shared is not None:  # first reuse of another prompt's calls: check it once
                 self._share_calls = all(  # the hidden states (first argument) aside
-                    _same_calls((a[1:], kw), (b[1:], kw_b)) for (a, kw), (b, kw_b)
+                    compat.same_calls((a[1:], kw), (b[1:], kw_b)) for (a, kw), (b, kw_b)
                     in zip(shared, runs.suffix_calls[key], strict=True))
                 if not self._share_calls:
                     logger.info("block calls depend on the prompt's tokens: not shared")
@@ -915,7 +472,7 @@ class CausalTracer:
         cells: dict[str, dict[tuple[int, int], _Restore]] = {}
         unique: dict[_Restore, None] = {}
         for kind in kinds:
-            slot, freeze = _SLOT_OF_KIND[kind], _FREEZE_OF_KIND.get(kind)
+            slot, freeze = SLOT_OF_KIND[kind], FREEZE_OF_KIND.get(kind)
             cells[kind] = {}
             for t in range(b, tp.n_tokens):  # tokens before the subject: no effect
                 for layer in range(L):
@@ -1091,18 +648,16 @@ class CausalTracer:
                samples: torch.Tensor, prefix: int) -> torch.Tensor:
         """Block ``layer`` on ``h`` (rows × tokens ``prefix..``), the first ``prefix`` tokens'
         keys/values taken from the corrupted run (noise sample ``samples[row]``)."""
-        args, kwargs = _expand_batch(calls[layer], h.shape[0])
+        args, kwargs = expand_batch(calls[layer], h.shape[0])
         if prefix:
             k, v = runs.kv[layer]
-            cache = _prefix_cache(k.narrow(-2, 0, prefix)[samples],
+            cache = compat.prefix_cache(k.narrow(-2, 0, prefix)[samples],
                                   v.narrow(-2, 0, prefix)[samples])
-            args, kwargs = _swap_cache((args, kwargs), cache)
-        return hidden_of(self._blocks[layer](h, *args[1:], **kwargs))
+            args, kwargs = compat.swap_cache((args, kwargs), cache)
+        return self.adapter.call_block(self._blocks[layer], h, (args, kwargs))
 
     def _head(self, last_hidden: torch.Tensor, answer_id: int) -> torch.Tensor:
-        norm = self.adapter.module(self.model, "final_norm")
-        head = self.adapter.module(self.model, "lm_head")
-        logits = hidden_of(head(norm(last_hidden)))[:, -1]
+        logits = self.adapter.head(self.model, last_hidden)[:, -1]
         return answer_probs(logits, answer_id)
 
     def _check_partial_forward(self, tp: TracePrompt, runs: _Runs) -> None:
@@ -1135,10 +690,12 @@ class CausalTracer:
             self._hooks.trim.discard("attn_out")
             p = replay()
         if not close(p, runs.p_corrupt):
-            raise UnsupportedModelError(
+            raise ReplayMismatchError(
                 f"the block-by-block forward of this {self.adapter.name} model gives "
                 f"P={p:.6g} but the full forward gives P={runs.p_corrupt:.6g}; its forward "
-                "does more than run the blocks in order; use editkit.tracing.naive.trace_naive"
+                "does more than its ModelAdapter declares (blocks in order, then the adapter's "
+                "head: a logit soft-cap or scale?); declare it in the adapter "
+                "(docs/adapters.md) or use editkit.tracing.naive.trace_naive"
             )
         for t in range(max(b, 1), tp.n_tokens):
             if self._cache_arg is None:
@@ -1226,12 +783,3 @@ def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
         tracer.trace(r.prompt, r.subject, r.target_true, kinds=kinds, window=window)
         for r in tqdm(requests, desc="causal trace", disable=not progress)
     ]
-
-
-def aie_by_kind(traces: Sequence[Mapping[str, TraceResult]], *, only_correct: bool = False
-                ) -> dict[str, AIEResult]:
-    """:func:`average_indirect_effect` for every kind present in ``traces``."""
-    if not traces:
-        raise InvalidRequestError("no traces to average")
-    return {k: average_indirect_effect([t[k] for t in traces], only_correct=only_correct)
-            for k in traces[0]}

@@ -10,11 +10,12 @@ subject's last token of every prompt; v₀ is that output on the bare prompt. Ad
 after each, and it stops early once the loss is below ``v_early_stop_loss``. The KL term is
 the paper's "essence" drift, KL(edited ‖ original), as in the reference implementation.
 
-Speed: layers below the edited one do not depend on δ. :class:`UpperLayers` runs the model
-once, captures the input (residual stream) and call arguments of every block from the edited
-layer up, and afterwards re-runs only those blocks, the final norm and the unembedding (at
-the positions the loss reads). ``skip_lower_layers=False`` keeps the naive full forward for
-comparison (``benchmarks/bench_rome.py``).
+Speed: layers below the edited one do not depend on δ. :class:`editkit.replay.BlockReplay`
+runs the model once, captures the input (residual stream) and call arguments of every block
+from the edited layer up, and afterwards re-runs only those blocks and the adapter's head (at
+the positions the loss reads); it checks once that this reproduces the model's own logits
+(``ReplayMismatchError`` otherwise). ``skip_lower_layers=False`` keeps the naive full forward
+for comparison (``benchmarks/bench_rome.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import nn
 from editkit.methods.rome.compute_k import fact_token_index
 from editkit.methods.rome.hparams import ROMEHyperParams
 from editkit.methods.rome.templates import PLAIN, apply_template
-from editkit.nethooks import Trace, hidden_of
+from editkit.nethooks import Trace
+from editkit.replay import BlockReplay
 from editkit.requests import EditRequest
 from editkit.tokens import encode, fill, pad_id, prompt_target_ids, right_pad
 
@@ -40,66 +42,8 @@ logger = logging.getLogger(__name__)
 KL_PROMPT = "{} is a"
 
 
-class UpperLayers:
-    """Re-run blocks ``start..stop`` (and the head) of ``model`` on a fixed batch.
-
-    Construction runs one forward pass (no gradient) that stops after block ``stop`` and
-    records, with forward pre-hooks, the hidden state entering block ``start`` and the
-    positional/keyword arguments every block ``start..stop`` received (attention mask, position
-    ids, rotary ``position_embeddings``, ...). Calling the object then recomputes only those
-    blocks from the recorded hidden state, so hooks inside them (e.g. an edit of the MLP
-    output) take effect while the lower layers are never re-run. Only the adapter is used:
-    ``blocks``, ``final_norm`` and ``lm_head``.
-    """
-
-    def __init__(self, model: nn.Module, adapter, start: int, stop: int,
-                 inputs: dict[str, torch.Tensor]) -> None:
-        self.model, self.adapter, self.start, self.stop = model, adapter, start, stop
-        self.blocks = adapter.blocks(model)
-        self.calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-
-        def recorder(i: int):
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                self.calls[i] = (args, dict(kwargs))
-
-            return hook
-
-        handles = [self.blocks[i].register_forward_pre_hook(recorder(i), with_kwargs=True)
-                   for i in range(start, stop + 1)]
-        try:
-            with torch.no_grad(), Trace(model, [adapter.module_name("block", stop)], stop=True):
-                model(**inputs, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        args, kwargs = self.calls[start]
-        self.hidden = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    def hidden_out(self) -> torch.Tensor:
-        """Output hidden state of block ``stop`` (the residual stream), recomputed."""
-        h = self.hidden
-        for i in range(self.start, self.stop + 1):
-            args, kwargs = self.calls[i]
-            if args:
-                out = self.blocks[i](h, *args[1:], **kwargs)
-            else:
-                out = self.blocks[i](**{**kwargs, "hidden_states": h})
-            h = hidden_of(out)
-        return h
-
-    def __call__(self, positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Logits (final norm + unembedding of block ``stop``'s output), at ``positions``
-        ``(rows, cols)`` only if given (then shape (n, vocab)), else (batch, seq, vocab)."""
-        return apply_head(self.model, self.adapter, self.hidden_out(), positions)
-
-
-def apply_head(model: nn.Module, adapter, hidden: torch.Tensor,
-               positions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Final norm and unembedding of a residual-stream state (optionally at some positions)."""
-    if positions is not None:
-        hidden = hidden[positions]
-    hidden = adapter.module(model, "final_norm")(hidden)
-    return adapter.module(model, "lm_head")(hidden)
+#: The replay of the upper blocks (kept under its former name for existing imports).
+UpperLayers = BlockReplay
 
 
 @dataclass
@@ -183,10 +127,13 @@ def compute_value(model: nn.Module, tokenizer, adapter, hparams: ROMEHyperParams
         # v₀ is read during the first pass (which also records the upper blocks' inputs).
         with torch.no_grad(), Trace(model, [edited], retain_output=True) as tr:
             if skip_lower_layers:
-                upper = UpperLayers(model, adapter, layer, loss_layer, inputs)
+                upper = BlockReplay(model, adapter, layer, loss_layer, inputs,
+                                    check_at=(read_rows, read_cols), verify=False)
             else:
                 with Trace(model, [edited], stop=True):
                     model(**inputs, use_cache=False)
+        if skip_lower_layers:  # once v₀ is read: no hook of ours inside the replayed blocks
+            upper.verify()
         v0 = tr.outputs[edited][rows.plain_row, rows.edit_idx[rows.plain_row]].float()
         d_out = v0.shape[0]
 
@@ -200,8 +147,7 @@ def compute_value(model: nn.Module, tokenizer, adapter, hparams: ROMEHyperParams
                 with Trace(model, [last_block], retain_output=True, stop=True,
                            detach=False) as full:
                     model(**inputs, use_cache=False)
-                return apply_head(model, adapter, full.outputs[last_block],
-                                  (read_rows, read_cols))
+                return adapter.head(model, full.outputs[last_block], (read_rows, read_cols))
 
         delta = torch.zeros(d_out, device=device, requires_grad=True)
 
