@@ -182,7 +182,7 @@ def test_edited_module_maps_key_to_value_on_every_family(family_model, tmp_path,
         from editkit.nethooks import Trace
 
         name = editor.adapter.module_name("mlp_out", editor.hparams.layer)
-        from editkit.methods.rome.compute_k import fact_token_index
+        from editkit.methods._locate.keys import fact_token_index
 
         idx = fact_token_index(tok, REQUEST.prompt, REQUEST.subject, "subject_last")
         with torch.no_grad(), Trace(model, [name], retain_output=True, stop=True) as tr:

@@ -29,14 +29,14 @@ from torch import nn
 
 from editkit.editor import Editor
 from editkit.errors import InvalidRequestError, StatsError
-from editkit.methods.memit.hparams import MEMITHyperParams
-from editkit.methods.rome.compute_k import keys_at
-from editkit.methods.rome.compute_v import compute_value
-from editkit.methods.rome.templates import (
+from editkit.methods._locate.keys import keys_at
+from editkit.methods._locate.templates import (
     apply_template,
     check_templates,
     generate_context_templates,
 )
+from editkit.methods._locate.values import compute_value
+from editkit.methods.memit.hparams import MEMITHyperParams
 from editkit.patch import Dense, LowRank, Patch
 from editkit.requests import EditRequest, as_request_list
 
@@ -153,7 +153,7 @@ class MEMIT(Editor):
 
     def _residuals_at_last_layer(self, requests: Sequence[EditRequest]) -> torch.Tensor:
         """hᴸ at the subject's last token of each bare prompt; (n, d)."""
-        from editkit.methods.rome.compute_k import fact_token_index
+        from editkit.methods._locate.keys import fact_token_index
         from editkit.nethooks import Trace
         from editkit.tokens import encode, fill, pad_id, right_pad
 

@@ -11,8 +11,9 @@ Files follow the paper's steps:
 - ``hparams.py``: ``ROMEHyperParams`` with published and scaled defaults.
 """
 
-from editkit.methods.rome.compute_k import KeyResult, compute_key, keys_at
-from editkit.methods.rome.compute_v import UpperLayers, ValueResult, compute_value
+from editkit.methods._locate.keys import KeyResult, compute_key, keys_at
+from editkit.methods._locate.templates import generate_context_templates
+from editkit.methods._locate.values import UpperLayers, ValueResult, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams, is_fact_world_model
 from editkit.methods.rome.rome import (
     ROME,
@@ -21,7 +22,6 @@ from editkit.methods.rome.rome import (
     left_vector,
     rank_one_update,
 )
-from editkit.methods.rome.templates import generate_context_templates
 
 __all__ = [
     "ROME",

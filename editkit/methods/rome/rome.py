@@ -22,10 +22,10 @@ from torch import nn
 
 from editkit.editor import Editor
 from editkit.errors import EditFailedError, InvalidRequestError, StatsError
-from editkit.methods.rome.compute_k import KeyResult, compute_key
-from editkit.methods.rome.compute_v import ValueResult, compute_value
+from editkit.methods._locate.keys import KeyResult, compute_key
+from editkit.methods._locate.templates import check_templates, generate_context_templates
+from editkit.methods._locate.values import ValueResult, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams
-from editkit.methods.rome.templates import check_templates, generate_context_templates
 from editkit.patch import Patch
 from editkit.requests import EditRequest, as_request_list
 

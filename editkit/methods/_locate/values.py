@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from editkit.methods.rome.compute_k import fact_token_index
+from editkit.methods._locate.keys import fact_token_index
+from editkit.methods._locate.templates import PLAIN, apply_template
 from editkit.methods.rome.hparams import ROMEHyperParams
-from editkit.methods.rome.templates import PLAIN, apply_template
 from editkit.nethooks import Trace, hidden_of
 from editkit.requests import EditRequest
 from editkit.tokens import encode, fill, pad_id, prompt_target_ids, right_pad
