@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from editkit.testbed.presets import is_fact_world_model
+from editkit.testbed.presets import register as _register_presets
 from editkit.testbed.real_facts import real_facts, real_facts_meta, real_facts_path
 from editkit.testbed.train import (
     META_FILE,
@@ -38,6 +40,8 @@ from editkit.testbed.train import (
 )
 from editkit.testbed.world import FILLER_SENTENCES, RELATIONS, Fact, FactWorld, Relation
 
+_register_presets()
+
 __all__ = [
     "FILLER_SENTENCES",
     "RELATIONS",
@@ -48,6 +52,7 @@ __all__ = [
     "cache_dir",
     "fact_recall",
     "fact_world_dir",
+    "is_fact_world_model",
     "is_valid_model_dir",
     "load_fact_world",
     "package_data_dir",
