@@ -186,6 +186,16 @@ class LocateHyperParams(HyperParams):
         """Read the nested form, or the flat form of editkit before ``value`` existed."""
         return super().from_dict(_fold_legacy(cls, dict(data)))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Old code assigning ``hp.v_lr = ...`` must reach the nested config, not a stray
+        # attribute that nothing reads.
+        if name in LEGACY_FIELDS and name not in {f.name for f in dataclasses.fields(self)}:
+            warnings.warn(f"{type(self).__name__}.{name} is deprecated; set "
+                          f"value.{LEGACY_FIELDS[name]}", DeprecationWarning, stacklevel=2)
+            setattr(self.value, LEGACY_FIELDS[name], value)
+            return
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: old code reading ``hp.v_lr``.
         if name in LEGACY_FIELDS and "value" in self.__dict__:
