@@ -41,7 +41,36 @@ LEGACY_FIELDS: dict[str, str] = {
     "v_early_stop_loss": "early_stop_loss",
 }
 
+MOM2_DTYPES = ("float32", "float64")
+#: Statistics of C for shallow (tiny or test) models without a preset: the offline Python
+#: docs, fewer and shorter texts than the paper's 100k wikitext samples.
+SMALL_MODEL_STATISTICS: dict[str, Any] = {
+    "mom2_dataset": "pydoc", "mom2_n_samples": 10_000, "mom2_max_length": 128}
+
 L = TypeVar("L", bound="LocateHyperParams")
+
+
+def scaled_layer(n_layers: int) -> int:
+    """The critical MLP layer of a model without a preset: ≈ n/3 (the published ROME layers
+    sit at 0.33 of the depth for GPT-2 medium, large and XL)."""
+    return min(n_layers - 1, max(0, round(n_layers / 3)))
+
+
+def check_statistics(hp) -> None:
+    """Validate the ``mom2_*`` fields (statistics of C) that ROME and MEMIT share."""
+    if hp.mom2_dtype not in MOM2_DTYPES:
+        raise InvalidHyperParamsError(f"mom2_dtype={hp.mom2_dtype!r}; use one of {MOM2_DTYPES}")
+    n = hp.mom2_n_samples
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise InvalidHyperParamsError(f"mom2_n_samples={n!r} must be a positive integer")
+    if hp.mom2_max_length is not None and (
+            not isinstance(hp.mom2_max_length, int) or hp.mom2_max_length <= 0):
+        raise InvalidHyperParamsError(
+            f"mom2_max_length={hp.mom2_max_length!r} must be a positive integer or None")
+    if not isinstance(hp.mom2_dataset, str) or not hp.mom2_dataset:
+        raise InvalidHyperParamsError(
+            f"mom2_dataset={hp.mom2_dataset!r}; use 'wikitext', 'pydoc', 'fact_world', "
+            "'generated' or a path to a .txt/.jsonl file")
 
 
 def _number(value: Any) -> bool:

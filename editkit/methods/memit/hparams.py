@@ -7,11 +7,13 @@ from typing import ClassVar
 
 from editkit.errors import InvalidHyperParamsError
 from editkit.methods._locate.hparams import (
+    SMALL_MODEL_STATISTICS,
     LocateHyperParams,
     ValueHyperParams,
     accepts_flat_fields,
+    check_statistics,
+    scaled_layer,
 )
-from editkit.methods.rome.hparams import ROMEHyperParams, check_statistics
 
 
 def memit_value() -> ValueHyperParams:
@@ -61,8 +63,7 @@ class MEMITHyperParams(LocateHyperParams):
         Shallow models also take ROME's small-model choices (no weight decay, Python-docs
         statistics) and a smaller λ.
         """
-        rome = ROMEHyperParams.scaled(n_layers)
-        last = max(rome.layer, min(n_layers - 1, round(n_layers * 17 / 48)))
+        last = max(scaled_layer(n_layers), min(n_layers - 1, round(n_layers * 17 / 48)))
         width = 5 if n_layers >= 12 else max(1, min(2, last + 1))
         layers = tuple(range(last - width + 1, last + 1))
         if n_layers >= 12:
@@ -70,8 +71,7 @@ class MEMITHyperParams(LocateHyperParams):
         return cls(layers=layers,
                    value=dataclasses.replace(memit_value(), weight_decay=0.0,
                                              clamp_norm_factor=4.0),
-                   mom2_update_weight=1_000.0, mom2_dataset=rome.mom2_dataset,
-                   mom2_n_samples=rome.mom2_n_samples, mom2_max_length=rome.mom2_max_length)
+                   mom2_update_weight=1_000.0, **SMALL_MODEL_STATISTICS)
 
     def validate(self, model, adapter) -> None:
         if not self.layers:

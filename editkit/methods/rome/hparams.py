@@ -12,34 +12,18 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from editkit.errors import InvalidHyperParamsError
 from editkit.methods._locate.hparams import (
     DEFAULT_CONTEXT_LENGTHS,
+    MOM2_DTYPES,
+    SMALL_MODEL_STATISTICS,
     LocateHyperParams,
     ValueHyperParams,
     accepts_flat_fields,
+    check_statistics,
+    scaled_layer,
 )
 
-MOM2_DTYPES = ("float32", "float64")
-
-__all__ = ["DEFAULT_CONTEXT_LENGTHS", "MOM2_DTYPES", "ROMEHyperParams", "check_statistics"]
-
-
-def check_statistics(hp) -> None:
-    """Validate the ``mom2_*`` fields ROME and MEMIT share (statistics of C)."""
-    if hp.mom2_dtype not in MOM2_DTYPES:
-        raise InvalidHyperParamsError(f"mom2_dtype={hp.mom2_dtype!r}; use one of {MOM2_DTYPES}")
-    n = hp.mom2_n_samples
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise InvalidHyperParamsError(f"mom2_n_samples={n!r} must be a positive integer")
-    if hp.mom2_max_length is not None and (
-            not isinstance(hp.mom2_max_length, int) or hp.mom2_max_length <= 0):
-        raise InvalidHyperParamsError(
-            f"mom2_max_length={hp.mom2_max_length!r} must be a positive integer or None")
-    if not isinstance(hp.mom2_dataset, str) or not hp.mom2_dataset:
-        raise InvalidHyperParamsError(
-            f"mom2_dataset={hp.mom2_dataset!r}; use 'wikitext', 'pydoc', 'fact_world', "
-            "'generated' or a path to a .txt/.jsonl file")
+__all__ = ["DEFAULT_CONTEXT_LENGTHS", "MOM2_DTYPES", "ROMEHyperParams"]
 
 
 @accepts_flat_fields
@@ -89,11 +73,11 @@ class ROMEHyperParams(LocateHyperParams):
         outputs of small models (‖v₀‖ ~ 0.01–0.1) its gradient outweighs the NLL's by orders
         of magnitude, so δ could not move; the norm clamp still bounds δ.
         """
-        layer = min(n_layers - 1, max(0, round(n_layers / 3)))
+        layer = scaled_layer(n_layers)
         if n_layers >= 12:
             return cls(layer=layer)
-        return cls(layer=layer, value=ValueHyperParams(weight_decay=0.0), mom2_dataset="pydoc",
-                   mom2_n_samples=10_000, mom2_max_length=128)
+        return cls(layer=layer, value=ValueHyperParams(weight_decay=0.0),
+                   **SMALL_MODEL_STATISTICS)
 
     # -------------------------------------------------------------- validation
     def validate(self, model, adapter) -> None:
