@@ -440,3 +440,23 @@ def test_hparams_from_tracing_take_the_suggested_layer():
     hp = rome_hparams_from_tracing(model, tok, records, **kw)
     assert hp.layer == suggest_layer(model, tok, records, **kw).layer
     assert 0 <= hp.layer < 4
+
+
+def test_patch_records_how_it_was_made(gpt2_and_tok, tmp_path):
+    """Constructor settings go into the patch: the templates used, whether C was given and
+    its fingerprint, the statistics' text source and the cache directory."""
+    from editkit.patch import load_patch, tensor_fingerprint
+
+    model, tok = gpt2_and_tok
+    cov = torch.eye(192) * 2
+    editor = ROME(model, tok, quick_hparams(model, num_grad_steps=2),
+                  context_templates=TEMPLATES, covariance=cov, cache_dir=str(tmp_path))
+    patch = editor.compute_update(REQUEST)
+    path = patch.save(tmp_path / "p.safetensors")
+    settings = load_patch(path).metadata["settings"]
+    assert settings["context_templates"] == TEMPLATES
+    assert settings["context_templates_given"] and settings["covariances_given"]
+    layer = str(editor.hparams.layer)
+    assert settings["covariance_fingerprints"] == {layer: tensor_fingerprint(cov)}
+    assert settings["cache_dir"] == str(tmp_path) and settings["stats_texts"] is None
+    assert load_patch(path).metadata["hparams"]["value"]["num_grad_steps"] == 2

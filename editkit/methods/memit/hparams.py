@@ -6,14 +6,8 @@ import dataclasses
 from typing import ClassVar
 
 from editkit.errors import InvalidHyperParamsError
-from editkit.methods._locate.hparams import (
-    SMALL_MODEL_STATISTICS,
-    LocateHyperParams,
-    ValueHyperParams,
-    accepts_flat_fields,
-    check_statistics,
-    scaled_layer,
-)
+from editkit.methods._locate import hparams as locate
+from editkit.methods._locate.hparams import LocateHyperParams, ValueHyperParams
 
 
 def memit_value() -> ValueHyperParams:
@@ -21,7 +15,7 @@ def memit_value() -> ValueHyperParams:
     return ValueHyperParams(num_grad_steps=25, clamp_norm_factor=0.75)
 
 
-@accepts_flat_fields
+@locate.accepts_flat_fields
 @dataclasses.dataclass
 class MEMITHyperParams(LocateHyperParams):
     """MEMIT's hyperparameters.
@@ -63,7 +57,7 @@ class MEMITHyperParams(LocateHyperParams):
         Shallow models also take ROME's small-model choices (no weight decay, Python-docs
         statistics) and a smaller λ.
         """
-        last = max(scaled_layer(n_layers), min(n_layers - 1, round(n_layers * 17 / 48)))
+        last = max(locate.scaled_layer(n_layers), min(n_layers - 1, round(n_layers * 17 / 48)))
         width = 5 if n_layers >= 12 else max(1, min(2, last + 1))
         layers = tuple(range(last - width + 1, last + 1))
         if n_layers >= 12:
@@ -71,7 +65,7 @@ class MEMITHyperParams(LocateHyperParams):
         return cls(layers=layers,
                    value=dataclasses.replace(memit_value(), weight_decay=0.0,
                                              clamp_norm_factor=4.0),
-                   mom2_update_weight=1_000.0, **SMALL_MODEL_STATISTICS)
+                   mom2_update_weight=1_000.0, **locate.SMALL_MODEL_STATISTICS)
 
     def validate(self, model, adapter) -> None:
         if not self.layers:
@@ -82,5 +76,5 @@ class MEMITHyperParams(LocateHyperParams):
             raise InvalidHyperParamsError(
                 f"layers={list(self.layers)} must be strictly increasing, e.g. [13, 14, 15]")
         self.value.validate(model, adapter, edit_layer=self.layers[-1])
-        check_statistics(self)
+        locate.check_statistics(self)
         self.check_positive(mom2_update_weight=self.mom2_update_weight)
