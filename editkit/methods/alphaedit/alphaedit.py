@@ -21,7 +21,7 @@ constraint of every later edit.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -109,20 +109,29 @@ class AlphaEdit(MEMIT):
         # α = l2 · (mean eigenvalue of C): the ridge in units of a typical key's energy.
         self.ridges = {layer: hp.l2 * float(torch.trace(self.covariances[layer].double()))
                        / self.covariances[layer].shape[0] for layer in hp.layers}
-        self._stored_keys: dict[tuple[int, str], torch.Tensor] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (ids of the AlphaEdit edits summed, their K_p K_pᵀ per layer): sequential editing
+        # adds only the newest edit's keys; a revert (ids no longer a prefix) recomputes.
+        self._moments: tuple[tuple[int, ...], dict[int, torch.Tensor]] = ((), {})
 
     def edited_key_moments(self) -> dict[int, torch.Tensor]:
-        """K_p K_pᵀ per layer (float64) over the AlphaEdit edits applied to the model now."""
-        moments: dict[int, torch.Tensor] = {}
-        for edit in self.history:
-            stored = edit.patch.metadata.get("alphaedit", {}).get("edited_keys", {})
-            for layer, rows in stored.items():
-                k = self._stored_keys.get((edit.id, layer))
-                if k is None:  # (n, d_in) as stored → K (d_in, n), once per edit
-                    k = torch.tensor(rows, dtype=torch.float32).to(torch.float64).T
-                    self._stored_keys[(edit.id, layer)] = k
+        """K_p K_pᵀ per layer (float64) over the AlphaEdit edits applied to the model now,
+        summed in the order they were applied."""
+        edits = [e for e in self.history if e.patch.metadata.get("alphaedit", {}).get(
+            "edited_keys")]
+        ids = tuple(e.id for e in edits)
+        done, moments = self._moments
+        if ids[:len(done)] != done:
+            done, moments = (), {}
+        moments = dict(moments)
+        for edit in edits[len(done):]:
+            for layer, rows in edit.patch.metadata["alphaedit"]["edited_keys"].items():
+                k = torch.tensor(rows, dtype=torch.float32).to(torch.float64).T  # (d_in, n)
                 moments[int(layer)] = moments.get(int(layer), 0) + k @ k.T
-        return moments
+        self._moments = (ids, moments)
+        return dict(moments)
 
     def compute_update(self, requests) -> Patch:
         self.prepare()
