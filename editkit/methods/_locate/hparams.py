@@ -165,7 +165,7 @@ def _legacy_warning(names: list[str]) -> None:
                   f"the nested 'value' config ({new})", DeprecationWarning, stacklevel=4)
 
 
-def _fold_legacy(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _fold_legacy(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Move flat legacy keys of ``kwargs`` into a ``value`` dict (returned, a new dict)."""
     flat = [k for k in kwargs if k in LEGACY_FIELDS]
     if not flat:
@@ -185,10 +185,10 @@ class LocateHyperParams(HyperParams):
     """Base of the hyperparameters of locate-then-edit methods: holds ``value``.
 
     A subclass declares the field ``value`` (last, so positional arguments keep their
-    meaning) with its own default (MEMIT's z optimisation takes more
-    steps and a tighter clamp than ROME's v*) and is decorated with
-    :func:`accepts_flat_fields` above ``@dataclass``. Partial dicts given for ``value`` (presets,
-    JSON) fill in over that default, so a preset lists only what differs.
+    meaning) with its own default (MEMIT's z optimisation takes more steps and a tighter
+    clamp than ROME's v*) and is decorated with :func:`accepts_flat_fields` above
+    ``@dataclass``. Partial dicts given for ``value`` (presets, JSON) fill in over that
+    default, so a preset lists only what differs.
     """
 
     def __post_init__(self) -> None:
@@ -213,7 +213,7 @@ class LocateHyperParams(HyperParams):
     @classmethod
     def from_dict(cls: type[L], data: Mapping[str, Any]) -> L:
         """Read the nested form, or the flat form of editkit before ``value`` existed."""
-        return super().from_dict(_fold_legacy(cls, dict(data)))
+        return super().from_dict(_fold_legacy(dict(data)))
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Old code assigning ``hp.v_lr = ...`` must reach the nested config, not a stray
@@ -241,7 +241,7 @@ def accepts_flat_fields(cls: type[L]) -> type[L]:
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **_fold_legacy(type(self), kwargs))
+        init(self, *args, **_fold_legacy(kwargs))
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
