@@ -10,6 +10,7 @@ Every number printed is measured in this one run, on this machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -87,9 +88,9 @@ def bench_model(label, model, tok, hp, requests, stats_source, stats_texts, cach
           + f"  total {total:.4f}")
 
     # --- v* with vs without skipping the lower layers (all steps forced)
-    hp_all = ROMEHyperParams.from_dict({**hp.to_dict(), "v_early_stop_loss": 0.0})
+    hp_all = dataclasses.replace(hp, value=dataclasses.replace(hp.value, early_stop_loss=0.0))
     for layer in sorted({hp.layer, n_layers // 2, (3 * n_layers) // 4}):
-        hp_l = ROMEHyperParams.from_dict({**hp_all.to_dict(), "layer": layer})
+        hp_l = dataclasses.replace(hp_all, layer=layer)
         times = {True: [], False: []}
         for req in requests:
             for fast in (False, True):
@@ -98,7 +99,7 @@ def bench_model(label, model, tok, hp, requests, stats_source, stats_texts, cach
                               skip_lower_layers=fast)
                 times[fast].append(time.perf_counter() - t)
         slow, fast = statistics.mean(times[False]), statistics.mean(times[True])
-        print(f"v* ({hp_l.v_num_grad_steps} steps) at layer {layer:2d}: full forward "
+        print(f"v* ({hp_l.value.num_grad_steps} steps) at layer {layer:2d}: full forward "
               f"{slow:.4f}s, upper layers only {fast:.4f}s -> speed-up x{slow / fast:.2f}")
 
     # --- statistics throughput: 1 layer vs all layers in one pass

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
+import pytest
 import torch
 from conftest import snapshot, state_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import editkit
 from editkit import EditRequest
 from editkit.methods.alphaedit import (
     AlphaEdit,
@@ -64,9 +67,11 @@ def test_preserved_text_keys_unchanged_on_a_real_model(gpt2_and_tok):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hp = AlphaEditHyperParams.scaled(3)
-    hp = AlphaEditHyperParams.from_dict({**hp.to_dict(), "layers": [1], "mom2_n_samples": 12,
-                                         "context_template_length_params": [[5, 2]],
-                                         "nullspace_threshold": 1e-6, "mom2_dtype": "float64"})
+    data = hp.to_dict()
+    hp = AlphaEditHyperParams.from_dict({
+        **data, "layers": [1], "mom2_n_samples": 12, "nullspace_threshold": 1e-6,
+        "mom2_dtype": "float64",
+        "value": {**data["value"], "context_template_length_params": [[5, 2]]}})
     editor = AlphaEdit(model, tok, hp, stats_texts=texts)
     editor.prepare()
     name = editor.adapter.module_name("mlp_out", 1)
@@ -85,4 +90,82 @@ def test_preserved_text_keys_unchanged_on_a_real_model(gpt2_and_tok):
         model(**ids)
     torch.testing.assert_close(tr2.outputs[name][0], v0, atol=1e-4, rtol=1e-4)
     editor.revert()
+    assert state_equal(model, base)
+
+
+REQS = [EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+        EditRequest("{} plays the sport of", "LeBron James", "football"),
+        EditRequest("{}'s mother tongue is", "Danielle Darrieux", "English")]
+
+
+def _alphaedit(model, tok):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp = AlphaEditHyperParams.scaled(3)
+    data = hp.to_dict()
+    hp = AlphaEditHyperParams.from_dict({
+        **data, "layers": [1], "mom2_n_samples": 100,
+        "value": {**data["value"], "context_template_length_params": [[5, 2]],
+                  "num_grad_steps": 4}})
+    texts = ["The harbor is busy in the summer.", "A function returns a value."] * 30
+    return AlphaEdit(model, tok, hp, stats_texts=texts)
+
+
+def test_preserved_key_memory_follows_the_applied_edits(gpt2_and_tok, monkeypatch):
+    """K_p is derived from the AlphaEdit patches in the history: compute_update and a
+    rolled-back apply leave it unchanged, revert removes an edit's keys, and revert stays
+    exact for edits made after it."""
+    model, tok = gpt2_and_tok
+    base = snapshot(model)
+    editor = _alphaedit(model, tok)
+    assert editor.edited_key_moments() == {}
+    patch = editor.compute_update(REQS[0])
+    keys = torch.tensor(patch.metadata["alphaedit"]["edited_keys"]["1"], dtype=torch.float64)
+    assert keys.shape[0] == 1 and editor.edited_key_moments() == {}  # pure
+
+    # A rolled-back apply (failure after the update was computed) does not grow K_p.
+    monkeypatch.setattr(type(patch), "check_fits", lambda self, model, force=False: (
+        _ for _ in ()).throw(editkit.PatchMismatchError("injected")))
+    with pytest.raises(editkit.PatchMismatchError):
+        editor.apply(REQS[0])
+    monkeypatch.undo()
+    assert editor.edited_key_moments() == {} and state_equal(model, base)
+
+    editor.apply(REQS[0])
+    first = editor.history[-1]
+    torch.testing.assert_close(editor.edited_key_moments()[1], keys.T @ keys)
+    after_first = snapshot(model)
+    editor.apply(REQS[1])
+    second_keys = torch.tensor(editor.history[-1].patch.metadata["alphaedit"]["edited_keys"]["1"],
+                               dtype=torch.float64)
+    torch.testing.assert_close(editor.edited_key_moments()[1],
+                               keys.T @ keys + second_keys.T @ second_keys)
+    # The second update was constrained by the first edit's keys: recomputing it without
+    # them gives a different delta.
+    constrained = editor.history[-1].patch
+    editor.revert()
+    assert state_equal(model, after_first)
+    editor.revert(first)
+    assert editor.edited_key_moments() == {} and state_equal(model, base)
+    free = editor.compute_update(REQS[1])
+    name = editor.edited_parameters()[0]
+    assert not torch.allclose(free.deltas[name].materialize(),
+                              constrained.deltas[name].materialize())
+
+    # Revert of an earlier edit is exact for a later one: base + patch(2) bit for bit.
+    editor.apply(REQS[0])
+    editor.apply(REQS[1])
+    later = editor.history[-1].patch
+    editor.revert(editor.history[0])
+    expected = copy.deepcopy(base)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in expected.items():
+            if n in later.deltas:
+                expected[n] = (t.float() + later.deltas[n].materialize()).to(t.dtype)
+    assert all(torch.equal(params[n], expected[n]) for n in later.deltas)
+    later_keys = torch.tensor(later.metadata["alphaedit"]["edited_keys"]["1"],
+                              dtype=torch.float64)
+    torch.testing.assert_close(editor.edited_key_moments()[1], later_keys.T @ later_keys)
+    editor.revert("all")
     assert state_equal(model, base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -68,8 +69,9 @@ def _memit(model, tok, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hp = MEMITHyperParams.scaled(3)
-    hp = MEMITHyperParams.from_dict({**hp.to_dict(), "mom2_n_samples": 200,
-                                     "context_template_length_params": [[5, 2]], **kw})
+    data = hp.to_dict()
+    hp = MEMITHyperParams.from_dict({**data, "mom2_n_samples": 200, **kw, "value": {
+        **data["value"], "context_template_length_params": [[5, 2]], **kw.get("value", {})}})
     return MEMIT(model, tok, hp)
 
 
@@ -112,10 +114,18 @@ def test_bad_layers(gpt2_and_tok, layers, needle):
 
 
 def test_published_defaults():
-    assert MEMITHyperParams.PUBLISHED["gpt2-xl"]["layers"] == (13, 14, 15, 16, 17)
-    assert MEMITHyperParams.PUBLISHED["gpt2-xl"]["mom2_update_weight"] == 20_000
-    assert MEMITHyperParams.PUBLISHED["gpt-j-6b"]["layers"] == (3, 4, 5, 6, 7, 8)
-    assert MEMITHyperParams.PUBLISHED["gpt-j-6b"]["mom2_update_weight"] == 15_000
+    from editkit.hparams import find_preset
+
+    xl = find_preset("memit", types.SimpleNamespace(config=types.SimpleNamespace(
+        name_or_path="openai-community/gpt2-xl")))
+    assert xl is not None and "gpt2-xl.json" in xl.source
+    assert xl.values["layers"] == (13, 14, 15, 16, 17)
+    assert xl.values["mom2_update_weight"] == 20_000
+    assert xl.values["value"]["num_grad_steps"] == 20 and xl.values["value"]["loss_layer"] == 47
+    gptj = find_preset("memit", types.SimpleNamespace(config=types.SimpleNamespace(
+        name_or_path="EleutherAI/gpt-j-6B")))
+    assert gptj.values["layers"] == (3, 4, 5, 6, 7, 8)
+    assert gptj.values["mom2_update_weight"] == 15_000
     hp = MEMITHyperParams.scaled(48)
     assert hp.layers == (13, 14, 15, 16, 17)
     assert MEMITHyperParams.from_json(hp.to_json()) == hp
@@ -133,3 +143,81 @@ def test_every_family_reaches_target_residuals(family_model):
     assert ((z - h).norm(dim=1) < 0.1 * (z - h0).norm(dim=1)).all(), fam
     editor.revert()
     assert state_equal(model, base)
+
+
+def _old_compute_update_deltas(editor, items):
+    """The pre-hook MEMIT loop: each layer's Δ written into the weights before the next
+    layer's keys are read, then the weights restored (the reference's way)."""
+    hp = editor.hparams
+    z = editor.last_targets
+    params = dict(editor.model.named_parameters())
+    names = editor.edited_parameters()
+    originals = {n: params[n].detach().clone() for n in names}
+    out = {}
+    try:
+        for i, layer in enumerate(hp.layers):
+            keys = editor._keys(layer, items)
+            resid = (z - editor._residuals_at_last_layer(items)).T / (len(hp.layers) - i)
+            left, right = editor.layer_update(layer, keys, resid)
+            delta = editor.adapter.kv_view((left @ right.T).float())
+            out[names[i]] = delta
+            with torch.no_grad():
+                params[names[i]].copy_(params[names[i]] + delta)
+    finally:
+        with torch.no_grad():
+            for n, v in originals.items():
+                params[n].copy_(v)
+    return out
+
+
+def test_compute_update_never_writes_weights_and_matches_the_written_form(gpt2_and_tok):
+    """MEMIT's lower-layer updates act through output hooks: no parameter is written (its
+    version counter does not move), and the deltas equal those of writing the weights."""
+    model, tok = gpt2_and_tok
+    editor = _memit(model, tok, layers=[0, 1])
+    editor.prepare()
+    params = dict(model.named_parameters())
+    versions = {n: params[n]._version for n in editor.edited_parameters()}
+    patch = editor.compute_update(REQS)
+    assert {n: params[n]._version for n in versions} == versions
+    reference = _old_compute_update_deltas(editor, REQS)
+    for name, delta in patch.deltas.items():
+        torch.testing.assert_close(delta.materialize(), reference[name], rtol=1e-4, atol=1e-6)
+    assert all(not editor.adapter.module(model, "mlp_out", layer)._forward_hooks
+               for layer in (0, 1))
+
+
+def test_interrupted_compute_update_leaves_no_trace(gpt2_and_tok, monkeypatch):
+    model, tok = gpt2_and_tok
+    base = snapshot(model)
+    editor = _memit(model, tok, layers=[0, 1])
+    editor.prepare()
+    calls = []
+
+    def failing(layer, keys, resid):
+        calls.append(layer)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return MEMIT.layer_update(editor, layer, keys, resid)
+
+    monkeypatch.setattr(editor, "layer_update", failing)
+    with pytest.raises(KeyboardInterrupt):
+        editor.compute_update(REQS)
+    assert calls == [0, 1] and state_equal(model, base)
+    assert not editor.adapter.module(model, "mlp_out", 0)._forward_hooks
+
+
+def test_patch_records_the_constructor_settings(gpt2_and_tok):
+    model, tok = gpt2_and_tok
+    texts = ["The harbor is busy in the summer.", "A function returns a value."] * 30
+    hp = _memit(model, tok, layers=[1]).hparams
+    editor = MEMIT(model, tok, hp, context_templates=["Hello. {}"], stats_texts=texts,
+                   cache_dir=None)
+    settings = editor.compute_update(REQS[:1]).metadata["settings"]
+    assert settings["context_templates"] == ["{}", "Hello. {}"]
+    assert settings["context_templates_given"] is True and settings["covariances_given"] is False
+    assert settings["stats_texts"]["texts"] == 60 and len(settings["stats_texts"]["sha256"]) == 16
+    assert set(settings["covariance_fingerprints"]) == {"1"}
+    other = MEMIT(model, tok, hp, context_templates=["Hello. {}"], stats_texts=texts[:-1])
+    assert other.compute_update(REQS[:1]).metadata["settings"]["stats_texts"]["sha256"] != \
+        settings["stats_texts"]["sha256"]

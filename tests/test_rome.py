@@ -4,6 +4,7 @@ hyperparameters, PEFT export, and quality on the fact world."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import types
 import warnings
@@ -21,6 +22,7 @@ from editkit.methods.rome import (
     KeySolver,
     ROMEHyperParams,
     UpperLayers,
+    ValueHyperParams,
     compute_value,
     generate_context_templates,
     left_vector,
@@ -37,12 +39,15 @@ def tok_for(family, bytelevel, sentencepiece):
     return sentencepiece if family in ("llama", "mistral", "qwen2") else bytelevel
 
 
+VALUE_FIELDS = {f.name for f in dataclasses.fields(ValueHyperParams)}
+
+
 def quick_hparams(model, **overrides) -> ROMEHyperParams:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
-    for k, v in overrides.items():
-        setattr(hp, k, v)
+    for k, v in overrides.items():  # the v* settings live in the nested ``value`` config
+        setattr(hp.value if k in VALUE_FIELDS else hp, k, v)
     return hp
 
 
@@ -129,7 +134,7 @@ def test_upper_layers_reproduce_the_full_forward(family, bytelevel_tokenizer,
 
 def test_fast_and_naive_value_optimisation_agree(gpt2_and_tok):
     model, tok = gpt2_and_tok
-    hp = quick_hparams(model, v_num_grad_steps=6)
+    hp = quick_hparams(model, num_grad_steps=6)
     fast = compute_value(model, tok, editkit.get_adapter(model), hp, REQUEST, TEMPLATES)
     slow = compute_value(model, tok, editkit.get_adapter(model), hp, REQUEST, TEMPLATES,
                          skip_lower_layers=False)
@@ -140,7 +145,7 @@ def test_fast_and_naive_value_optimisation_agree(gpt2_and_tok):
 
 def test_fast_path_never_reruns_lower_layers(bytelevel_tokenizer):
     model = tiny_model("gpt2", len(bytelevel_tokenizer), n_layers=5)
-    hp = quick_hparams(model, layer=2, v_num_grad_steps=5)
+    hp = quick_hparams(model, layer=2, num_grad_steps=5)
     calls = [0] * 5
     blocks = editkit.get_adapter(model).blocks(model)
     handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -183,7 +188,7 @@ def test_edited_module_maps_key_to_value_on_every_family(family_model, tmp_path,
         from editkit.nethooks import Trace
 
         name = editor.adapter.module_name("mlp_out", editor.hparams.layer)
-        from editkit.methods.rome.compute_k import fact_token_index
+        from editkit.methods._locate.keys import fact_token_index
 
         idx = fact_token_index(tok, REQUEST.prompt, REQUEST.subject, "subject_last")
         with torch.no_grad(), Trace(model, [name], retain_output=True, stop=True) as tr:
@@ -194,7 +199,7 @@ def test_edited_module_maps_key_to_value_on_every_family(family_model, tmp_path,
 
 def test_value_respects_the_norm_clamp(gpt2_and_tok):
     model, tok = gpt2_and_tok
-    hp = quick_hparams(model, clamp_norm_factor=0.5, v_num_grad_steps=8)
+    hp = quick_hparams(model, clamp_norm_factor=0.5, num_grad_steps=8)
     res = compute_value(model, tok, editkit.get_adapter(model), hp, REQUEST, TEMPLATES)
     assert res.delta.norm() <= 0.5 * res.v0.norm() * (1 + 1e-5)
     assert res.delta.norm() > 0
@@ -271,11 +276,12 @@ class FakeAdapter:
 ])
 def test_published_defaults(name, layer, loss_layer):
     hp = ROMEHyperParams.for_model(fake_model(name, 48), FakeAdapter())
-    assert (hp.layer, hp.v_loss_layer) == (layer, loss_layer)
-    assert (hp.v_num_grad_steps, hp.v_lr, hp.v_weight_decay) == (20, 0.5, 0.5)
-    assert (hp.clamp_norm_factor, hp.kl_factor) == (4.0, 0.0625)
+    v = hp.value
+    assert (hp.layer, v.loss_layer) == (layer, loss_layer)
+    assert (v.num_grad_steps, v.lr, v.weight_decay) == (20, 0.5, 0.5)
+    assert (v.clamp_norm_factor, v.kl_factor) == (4.0, 0.0625)
     assert (hp.mom2_n_samples, hp.mom2_dtype) == (100_000, "float32")
-    assert hp.context_template_length_params == ((5, 10), (10, 10))
+    assert v.context_template_length_params == ((5, 10), (10, 10))
     assert hp.key_consistent is False
 
 
@@ -291,12 +297,15 @@ def test_hparams_round_trip_and_validation(gpt2_and_tok):
     model, tok = gpt2_and_tok
     hp = quick_hparams(model, key_consistent=True)
     back = ROMEHyperParams.from_json(hp.to_json())
-    assert back == hp and back.context_template_length_params == hp.context_template_length_params
+    assert back == hp and isinstance(back.value, ValueHyperParams)
+    assert back.value.context_template_length_params == hp.value.context_template_length_params
     adapter = editkit.get_adapter(model)
-    bad = [({"layer": 3}, "layer=3"), ({"v_loss_layer": 0, "layer": 1}, "v_loss_layer"),
-           ({"fact_token": "first"}, "fact_token"), ({"v_lr": 0}, "v_lr"),
-           ({"mom2_dtype": "int8"}, "mom2_dtype"), ({"v_num_grad_steps": 2.5}, "v_num_grad"),
-           ({"context_template_length_params": [[5, 0]]}, "counts")]
+    bad = [({"layer": 3}, "layer=3"), ({"value": {"loss_layer": 0}, "layer": 1}, "loss_layer"),
+           ({"value": {"fact_token": "first"}}, "fact_token"), ({"value": {"lr": 0}}, "lr"),
+           ({"mom2_dtype": "int8"}, "mom2_dtype"),
+           ({"value": {"num_grad_steps": 2.5}}, "num_grad"),
+           ({"value": {"context_template_length_params": [[5, 0]]}}, "counts"),
+           ({"value": {"lr_typo": 1}}, "unknown keys")]
     for change, message in bad:
         with pytest.raises(editkit.InvalidHyperParamsError, match=message):
             ROMEHyperParams.from_dict({**hp.to_dict(), **change}).validate(model, adapter)
@@ -422,13 +431,33 @@ def test_peft_export_on_the_fact_world(fact_world, tmp_path):
 
 
 def test_hparams_from_tracing_take_the_suggested_layer():
-    from editkit.methods.rome import ROMEHyperParams
     from editkit.testbed import FactWorld, load_fact_world
     from editkit.tracing import suggest_layer
+    from editkit.tracing.from_trace import rome_hparams_from_tracing
 
     model, tok = load_fact_world()
     records = FactWorld().records(n=3)
     kw = {"samples": 2, "progress": False}
-    hp = ROMEHyperParams.from_tracing(model, tok, records, **kw)
+    hp = rome_hparams_from_tracing(model, tok, records, **kw)
     assert hp.layer == suggest_layer(model, tok, records, **kw).layer
     assert 0 <= hp.layer < 4
+
+
+def test_patch_records_how_it_was_made(gpt2_and_tok, tmp_path):
+    """Constructor settings go into the patch: the templates used, whether C was given and
+    its fingerprint, the statistics' text source and the cache directory."""
+    from editkit.patch import load_patch, tensor_fingerprint
+
+    model, tok = gpt2_and_tok
+    cov = torch.eye(192) * 2
+    editor = ROME(model, tok, quick_hparams(model, num_grad_steps=2),
+                  context_templates=TEMPLATES, covariance=cov, cache_dir=str(tmp_path))
+    patch = editor.compute_update(REQUEST)
+    path = patch.save(tmp_path / "p.safetensors")
+    settings = load_patch(path).metadata["settings"]
+    assert settings["context_templates"] == TEMPLATES
+    assert settings["context_templates_given"] and settings["covariances_given"]
+    layer = str(editor.hparams.layer)
+    assert settings["covariance_fingerprints"] == {layer: tensor_fingerprint(cov)}
+    assert settings["cache_dir"] == str(tmp_path) and settings["stats_texts"] is None
+    assert load_patch(path).metadata["hparams"]["value"]["num_grad_steps"] == 2

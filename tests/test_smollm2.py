@@ -61,9 +61,9 @@ def test_conversion_cache_is_keyed_by_the_gguf_file(tmp_path):
 def test_smollm2_has_published_style_rome_defaults():
     model = types_model("HuggingFaceTB/SmolLM2-135M-Instruct", n_layers=30)
     hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
-    assert hp.layer == editkit.methods.rome.hparams.SMOLLM2_ROME_LAYER
+    assert hp.layer == editkit.testbed.presets.SMOLLM2_ROME_LAYER
     assert hp.mom2_dataset == "pydoc"          # offline: no wikitext here
-    assert hp.v_loss_layer == 29
+    assert hp.value.loss_layer == 29
 
 
 def types_model(name: str, n_layers: int):

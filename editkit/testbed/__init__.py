@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from editkit.stats import default_cache_dir
+from editkit.testbed.presets import is_fact_world_model
+from editkit.testbed.presets import register as _register_presets
 from editkit.testbed.real_facts import real_facts, real_facts_meta, real_facts_path
 from editkit.testbed.sources import register_text_sources
 from editkit.testbed.train import (
@@ -40,6 +42,8 @@ from editkit.testbed.train import (
 )
 from editkit.testbed.world import FILLER_SENTENCES, RELATIONS, Fact, FactWorld, Relation
 
+_register_presets()
+
 __all__ = [
     "FILLER_SENTENCES",
     "RELATIONS",
@@ -50,6 +54,7 @@ __all__ = [
     "cache_dir",
     "fact_recall",
     "fact_world_dir",
+    "is_fact_world_model",
     "is_valid_model_dir",
     "load_fact_world",
     "package_data_dir",

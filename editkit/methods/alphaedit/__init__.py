@@ -1,5 +1,6 @@
 """AlphaEdit: MEMIT with updates projected onto the null space of preserved knowledge."""
 
+from editkit.methods.alphaedit import presets as _presets  # noqa: F401 - registers presets
 from editkit.methods.alphaedit.alphaedit import (
     AlphaEdit,
     AlphaEditHyperParams,

@@ -10,6 +10,12 @@ every update of the form Δ P leaves Δ P k₀ ≈ 0 for preserved keys k₀. Th
 has the solution Δ P = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + α I)⁻¹ (paper eq. 14, α = ``l2``).
 Its transpose is X = (P (K_p K_pᵀ + K₁ K₁ᵀ) + α I)⁻¹ P K₁ Rᵀ, and α X = P (K₁ Rᵀ − A X)
 shows X lies in range(P), so the update satisfies Δ P = Δ exactly (up to round-off).
+
+K_p is the model's state, not the editor's: each AlphaEdit patch stores the keys K₁ it
+inserted (``metadata["alphaedit"]["edited_keys"]``) and K_p K_pᵀ is summed over the AlphaEdit
+patches in the model's edit history when an update is computed. So ``compute_update`` stays
+pure, a rolled-back ``apply`` leaves no trace, and reverting an edit drops its keys from the
+constraint of every later edit.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from typing import Any, ClassVar
 import torch
 
 from editkit.errors import InvalidHyperParamsError
+from editkit.methods._locate.hparams import accepts_flat_fields
 from editkit.methods.memit import MEMIT, MEMITHyperParams
+from editkit.patch import Patch
 
 
+@accepts_flat_fields
 @dataclasses.dataclass
 class AlphaEditHyperParams(MEMITHyperParams):
     """MEMIT's fields plus the null-space settings.
@@ -33,19 +42,16 @@ class AlphaEditHyperParams(MEMITHyperParams):
             reference thresholds eigenvalues at an absolute 1e-2 on GPT-scale statistics).
         l2: The ridge α of the projected solve, in units of C's mean eigenvalue
             (α = l2 · tr(C)/d), so it means the same for keys of any scale.
-        remember_edits: Add the keys of each computed batch to K_p so later batches keep
-            them (sequential editing, as in the paper). Keys of batches that were later
-            reverted stay in K_p: a conservative constraint, never a wrong one.
+        remember_edits: Constrain each update by the keys of the AlphaEdit edits currently
+            applied to the model (K_p; sequential editing, as in the paper). Reverted edits
+            leave K_p with their patch.
     """
 
     nullspace_threshold: float = 1e-2
     l2: float = 1.0
     remember_edits: bool = True
 
-    PUBLISHED: ClassVar[dict[str, dict[str, Any]]] = {
-        name: {**values, "l2": 1.0} for name, values in MEMITHyperParams.PUBLISHED.items()
-    }
-    FACT_WORLD: ClassVar[dict[str, Any]] = {**MEMITHyperParams.FACT_WORLD, "l2": 1.0}
+    PRESET_METHOD: ClassVar[str] = "alphaedit"
 
     def validate(self, model, adapter) -> None:
         super().validate(model, adapter)
@@ -103,14 +109,43 @@ class AlphaEdit(MEMIT):
         # α = l2 · (mean eigenvalue of C): the ridge in units of a typical key's energy.
         self.ridges = {layer: hp.l2 * float(torch.trace(self.covariances[layer].double()))
                        / self.covariances[layer].shape[0] for layer in hp.layers}
-        self.edited_key_moments: dict[int, torch.Tensor] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (ids of the AlphaEdit edits summed, their K_p K_pᵀ per layer): sequential editing
+        # adds only the newest edit's keys; a revert (ids no longer a prefix) recomputes.
+        self._moments: tuple[tuple[int, ...], dict[int, torch.Tensor]] = ((), {})
+
+    def edited_key_moments(self) -> dict[int, torch.Tensor]:
+        """K_p K_pᵀ per layer (float64) over the AlphaEdit edits applied to the model now,
+        summed in the order they were applied."""
+        edits = [e for e in self.history if e.patch.metadata.get("alphaedit", {}).get(
+            "edited_keys")]
+        ids = tuple(e.id for e in edits)
+        done, moments = self._moments
+        if ids[:len(done)] != done:
+            done, moments = (), {}
+        moments = dict(moments)
+        for edit in edits[len(done):]:
+            for layer, rows in edit.patch.metadata["alphaedit"]["edited_keys"].items():
+                k = torch.tensor(rows, dtype=torch.float32).to(torch.float64).T  # (d_in, n)
+                moments[int(layer)] = moments.get(int(layer), 0) + k @ k.T
+        self._moments = (ids, moments)
+        return dict(moments)
+
+    def compute_update(self, requests) -> Patch:
+        self.prepare()
+        self._previous = self.edited_key_moments() if self.hparams.remember_edits else {}
+        self._batch_keys: dict[int, torch.Tensor] = {}
+        patch = super().compute_update(requests)
+        # The keys are stored as float32 values (what K_p sums); JSON so patches stay
+        # self-describing when saved.
+        patch.metadata["alphaedit"] = {"edited_keys": {
+            str(layer): k.T.tolist() for layer, k in self._batch_keys.items()}}
+        return patch
 
     def layer_update(self, layer: int, keys: torch.Tensor,
                      resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        left, right = solve_projected_update(keys, resid, self.projectors[layer],
-                                             self.edited_key_moments.get(layer),
-                                             self.ridges[layer])
-        if self.hparams.remember_edits:
-            k = keys.detach().to(dtype=torch.float64, device="cpu")
-            self.edited_key_moments[layer] = self.edited_key_moments.get(layer, 0) + k @ k.T
-        return left, right
+        self._batch_keys[layer] = keys.detach().float().cpu()
+        return solve_projected_update(keys, resid, self.projectors[layer],
+                                      self._previous.get(layer), self.ridges[layer])

@@ -10,7 +10,12 @@ For a batch of requests i with subjects sᵢ:
    - rᵢ = (zᵢ − hᴸᵢ) / (number of layers left, l included): the residual still missing at
      L, spread evenly over the remaining layers;
    - Δˡ = R Kᵀ (λ C + K Kᵀ)⁻¹ (eq. 14), solved in float64 with ``torch.linalg.solve``, and
-     applied before the next layer's keys are computed.
+     in effect before the next layer's keys are computed.
+
+``compute_update`` is pure: "in effect" means a forward hook adds Δˡ k to the output of
+layer l's ``mlp_out`` while the later layers' keys and residuals are read, so the weights
+are never written (an interrupted computation leaves nothing to restore). The hook computes
+(W + Δ) k as W k + Δ k, equal to the written-weights form up to float round-off.
 
 Memory grows with the number of edits n only through K (d_in × n) and R (d_out × n): each
 Δˡ is kept as the rank-n product R (A⁻¹K)ᵀ unless the dense matrix is smaller.
@@ -20,25 +25,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from editkit.editor import Editor
-from editkit.errors import InvalidRequestError, StatsError
+from editkit.errors import InvalidRequestError
+from editkit.methods._locate.editor import LocateEditor
+from editkit.methods._locate.keys import fact_token_index, keys_at
+from editkit.methods._locate.templates import apply_template
+from editkit.methods._locate.values import compute_value
 from editkit.methods.memit.hparams import MEMITHyperParams
-from editkit.methods.rome.compute_k import keys_at
-from editkit.methods.rome.compute_v import compute_value
-from editkit.methods.rome.templates import (
-    apply_template,
-    check_templates,
-    generate_context_templates,
-)
+from editkit.nethooks import Trace
 from editkit.patch import Dense, LowRank, Patch
 from editkit.requests import EditRequest, as_request_list
+from editkit.tokens import encode, fill, pad_id, right_pad
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +75,32 @@ def solve_layer_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tenso
     return r, torch.linalg.solve(a, k)
 
 
-class MEMIT(Editor):
+@contextmanager
+def added_outputs(modules: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """While active, each module's output y becomes ``y + (x @ right) @ leftᵀ`` for its input
+    x: the module behaves as if ``left @ rightᵀ`` (values × keys) were added to its weight."""
+    def hook(left: torch.Tensor, right: torch.Tensor):
+        def add(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            extra = (x.float() @ right.to(x.device)) @ left.to(x.device).T
+            return out + extra.to(out.dtype)
+
+        return add
+
+    handles = [m.register_forward_hook(hook(left, right)) for m, (left, right) in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class MEMIT(LocateEditor):
     """Mass-Editing Memory in a Transformer: one patch for a whole batch of requests.
 
-    Extra keyword arguments (as ROME): ``context_templates``, ``covariances`` (dict layer →
-    C), ``stats_texts``, ``cache_dir``.
+    Extra keyword arguments (see ``LocateEditor``): ``context_templates``, ``covariances``
+    (dict layer → C), ``stats_texts``, ``cache_dir``; patches record them under
+    ``metadata["settings"]``.
     """
 
     name = "memit"
@@ -87,12 +111,8 @@ class MEMIT(Editor):
                  adapter=None, *, context_templates: Sequence[str] | None = None,
                  covariances: dict[int, torch.Tensor] | None = None, stats_texts: Any = None,
                  cache_dir: str | None = None) -> None:
-        super().__init__(model, tokenizer, hparams, adapter)
-        self.context_templates = (check_templates(context_templates)
-                                  if context_templates is not None else None)
-        self.covariances = dict(covariances) if covariances else None
-        self._stats_texts = stats_texts
-        self._cache_dir = cache_dir
+        super().__init__(model, tokenizer, hparams, adapter, context_templates=context_templates,
+                         covariances=covariances, stats_texts=stats_texts, cache_dir=cache_dir)
         self.last_timings: dict[str, float] = {}
         self.last_targets: torch.Tensor | None = None  # z of the last batch, (n, d)
 
@@ -103,25 +123,8 @@ class MEMIT(Editor):
         check_no_conflicts(requests)
 
     def _prepare(self) -> None:
-        hp = self.hparams
-        if self.context_templates is None:
-            cache = Path(self._cache_dir) / "context_templates" if self._cache_dir else None
-            self.context_templates = generate_context_templates(
-                self.model, self.tokenizer, hp.context_template_length_params,
-                seed=hp.context_template_seed, cache_dir=cache)
-        if self.covariances is None:
-            from editkit.stats import second_moment
-
-            source = self._stats_texts if self._stats_texts is not None else hp.mom2_dataset
-            self.covariances = second_moment(
-                self.model, list(hp.layers), source, tokenizer=self.tokenizer,
-                n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length,
-                dtype=hp.mom2_dtype, adapter=self.adapter,
-                cache_dir=Path(self._cache_dir) / "stats" if self._cache_dir else None)
-        missing = [layer for layer in hp.layers if layer not in self.covariances]
-        if missing:
-            raise StatsError(f"no key statistics for layers {missing}; pass covariances for "
-                             f"every layer in {list(hp.layers)}")
+        self._prepare_templates()
+        self._prepare_statistics(self.hparams.layers)
 
     # ------------------------------------------------------------------ steps
     def layer_update(self, layer: int, keys: torch.Tensor,
@@ -137,7 +140,7 @@ class MEMIT(Editor):
         weighs as much as all prefixes of one length together. Templates passed in by the
         user that do not follow the generated layout form one group.
         """
-        sizes = [1] + [count for _, count in self.hparams.context_template_length_params]
+        sizes = [1] + [count for _, count in self.hparams.value.context_template_length_params]
         return sizes if sum(sizes) == len(self.context_templates) else [len(self.context_templates)]
 
     def _keys(self, layer: int, requests: Sequence[EditRequest]) -> torch.Tensor:
@@ -147,22 +150,18 @@ class MEMIT(Editor):
         for r in requests:
             prompts = [apply_template(t, r.prompt) for t in self.context_templates]
             keys = keys_at(self.model, self.tokenizer, self.adapter, layer, prompts,
-                           r.subject, self.hparams.fact_token)
+                           r.subject, self.hparams.value.fact_token)
             cols.append(torch.stack([g.mean(0) for g in keys.split(groups)]).mean(0))
         return torch.stack(cols, dim=1)
 
     def _residuals_at_last_layer(self, requests: Sequence[EditRequest]) -> torch.Tensor:
         """hᴸ at the subject's last token of each bare prompt; (n, d)."""
-        from editkit.methods.rome.compute_k import fact_token_index
-        from editkit.nethooks import Trace
-        from editkit.tokens import encode, fill, pad_id, right_pad
-
         name = self.adapter.module_name("block", self.hparams.layers[-1])
         device = next(self.model.parameters()).device
         batch = right_pad([encode(self.tokenizer, fill(r.prompt, r.subject)) for r in requests],
                           pad_id(self.tokenizer), device)
         idx = torch.tensor([fact_token_index(self.tokenizer, r.prompt, r.subject,
-                                             self.hparams.fact_token) for r in requests])
+                                             self.hparams.value.fact_token) for r in requests])
         with torch.no_grad(), Trace(self.model, [name], retain_output=True, stop=True) as tr:
             self.model(**batch.model_inputs(), use_cache=False)
         return tr.outputs[name][torch.arange(len(requests)), idx].float()
@@ -173,36 +172,28 @@ class MEMIT(Editor):
         self.prepare()
         hp = self.hparams
         t0 = time.perf_counter()
-        vhp = hp.value_hparams()
         z = torch.stack([
-            compute_value(self.model, self.tokenizer, self.adapter, vhp, r,
-                          self.context_templates, slot="block").v_star
+            compute_value(self.model, self.tokenizer, self.adapter, hp.value, r,
+                          self.context_templates, layer=hp.layers[-1], slot="block").v_star
             for r in items])
         t_z = time.perf_counter() - t0
         self.last_targets = z.detach()
-        params = dict(self.model.named_parameters())
         names = self.edited_parameters()
-        originals = {n: params[n].detach().clone() for n in names}
         deltas: dict[str, LowRank | Dense] = {}
-        try:
-            for i, layer in enumerate(hp.layers):
+        applied: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, layer in enumerate(hp.layers):
+            # Keys and residuals are read with the lower layers' updates in effect (Alg. 1).
+            with added_outputs(applied):
                 keys = self._keys(layer, items)
                 resid = (z - self._residuals_at_last_layer(items)).T / (len(hp.layers) - i)
-                left, right = self.layer_update(layer, keys, resid)
-                name = names[i]
-                d_out, d_in = left.shape[0], right.shape[0]
-                if len(items) * (d_out + d_in) < d_out * d_in:
-                    delta = self.adapter.lowrank_delta(left.float(), right.float())
-                else:
-                    delta = self.adapter.dense_delta((left @ right.T).float())
-                deltas[name] = delta
-                with torch.no_grad():  # later layers' keys see this layer's update
-                    p = params[name]
-                    p.copy_((p.float() + delta.materialize().to(p.device)).to(p.dtype))
-        finally:
-            with torch.no_grad():
-                for n, value in originals.items():
-                    params[n].copy_(value)
+            left, right = self.layer_update(layer, keys, resid)
+            d_out, d_in = left.shape[0], right.shape[0]
+            if len(items) * (d_out + d_in) < d_out * d_in:
+                deltas[names[i]] = self.adapter.lowrank_delta(left.float(), right.float())
+            else:
+                deltas[names[i]] = self.adapter.dense_delta((left @ right.T).float())
+            applied[self.adapter.module(self.model, "mlp_out", layer)] = (left.float(),
+                                                                         right.float())
         self.last_timings = {"z": t_z, "layers": time.perf_counter() - t0 - t_z}
-        # The weights are the originals again here, so the patch's base fingerprint is right.
-        return self._new_patch(deltas, items, memit={"timings": self.last_timings})
+        return self._new_patch(deltas, items, memit={"timings": self.last_timings},
+                               settings=self.settings_metadata())

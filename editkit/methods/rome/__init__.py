@@ -1,19 +1,21 @@
 """ROME: Rank-One Model Editing (Meng et al. 2022), with the r-ROME key fix as an option.
 
-Files follow the paper's steps:
+The steps ROME shares with MEMIT and AlphaEdit live in ``editkit.methods._locate``: context
+prefixes sampled from the model (§3.1), the key k* averaged over them (eq. 3) and the value
+v* found by optimising δ on the MLP output (eq. 4). This package is ROME itself:
 
-- ``templates.py``: context prefixes sampled from the model (§3.1);
-- ``compute_k.py``: the key k*, averaged over prefixes (eq. 3);
-- ``compute_v.py``: the value v*, by optimising δ on the MLP output (eq. 4), re-running only
-  the layers above the edited one;
 - ``rome.py``: u = C⁻¹k* and the rank-one insertion Ŵ = W + (v* − Wk)uᵀ/(uᵀk) (eq. 2), and
   the ``ROME`` editor;
-- ``hparams.py``: ``ROMEHyperParams`` with published and scaled defaults.
+- ``hparams.py``: ``ROMEHyperParams`` (its own fields plus the shared ``value`` config);
+- ``presets.py``: the published defaults, registered as presets.
 """
 
-from editkit.methods.rome.compute_k import KeyResult, compute_key, keys_at
-from editkit.methods.rome.compute_v import UpperLayers, ValueResult, compute_value
-from editkit.methods.rome.hparams import ROMEHyperParams, is_fact_world_model
+from editkit.methods._locate.hparams import ValueHyperParams
+from editkit.methods._locate.keys import KeyResult, compute_key, keys_at
+from editkit.methods._locate.templates import generate_context_templates
+from editkit.methods._locate.values import UpperLayers, ValueResult, compute_value
+from editkit.methods.rome import presets as _presets  # noqa: F401 - registers the presets
+from editkit.methods.rome.hparams import ROMEHyperParams
 from editkit.methods.rome.rome import (
     ROME,
     KeySolver,
@@ -21,7 +23,6 @@ from editkit.methods.rome.rome import (
     left_vector,
     rank_one_update,
 )
-from editkit.methods.rome.templates import generate_context_templates
 
 __all__ = [
     "ROME",
@@ -33,8 +34,8 @@ __all__ = [
     "ValueResult",
     "compute_key",
     "compute_value",
+    "ValueHyperParams",
     "generate_context_templates",
-    "is_fact_world_model",
     "keys_at",
     "left_vector",
     "rank_one_update",

@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from editkit.editor import Editor
 from editkit.errors import EditFailedError, InvalidRequestError, StatsError
-from editkit.methods.rome.compute_k import KeyResult, compute_key
-from editkit.methods.rome.compute_v import ValueResult, compute_value
+from editkit.methods._locate.editor import LocateEditor
+from editkit.methods._locate.keys import KeyResult, compute_key
+from editkit.methods._locate.values import ValueResult, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams
-from editkit.methods.rome.templates import check_templates, generate_context_templates
 from editkit.patch import Patch
 from editkit.requests import EditRequest, as_request_list
 
@@ -91,7 +90,7 @@ class ROMEStep:
     timings: dict[str, float]
 
 
-class ROME(Editor):
+class ROME(LocateEditor):
     """Rank-One Model Editing (Meng et al. 2022).
 
     Extra keyword arguments:
@@ -102,7 +101,8 @@ class ROME(Editor):
             strings, a path or a ``datasets.Dataset``; see ``editkit.stats``).
         cache_dir: Root of the statistics / template caches (default ``$EDITKIT_CACHE``).
 
-    After each edit ``last_step`` holds k*, v*, u and per-phase timings.
+    After each edit ``last_step`` holds k*, v*, u and per-phase timings. Every patch records
+    the settings above under ``metadata["settings"]`` (see ``LocateEditor``).
     """
 
     name = "rome"
@@ -113,12 +113,11 @@ class ROME(Editor):
                  adapter=None, *, context_templates: Sequence[str] | None = None,
                  covariance: torch.Tensor | None = None, stats_texts: Any = None,
                  cache_dir: str | None = None) -> None:
-        super().__init__(model, tokenizer, hparams, adapter)
-        self.context_templates = (check_templates(context_templates)
-                                  if context_templates is not None else None)
-        self._covariance = covariance
-        self._stats_texts = stats_texts
-        self._cache_dir = cache_dir
+        super().__init__(model, tokenizer, hparams, adapter, context_templates=context_templates,
+                         stats_texts=stats_texts, cache_dir=cache_dir)
+        if covariance is not None:
+            self.covariances = {self.hparams.layer: covariance}
+            self._given["covariances"] = True
         self._solver: KeySolver | None = None
         self._skip_lower_layers = True  # False: the naive v* loop (benchmarks only)
         self.prepare_timings: dict[str, float] = {}
@@ -131,29 +130,11 @@ class ROME(Editor):
     def _prepare(self) -> None:
         hp = self.hparams
         t0 = time.perf_counter()
-        if self.context_templates is None:
-            from pathlib import Path
-
-            cache = Path(self._cache_dir) / "context_templates" if self._cache_dir else None
-            self.context_templates = generate_context_templates(
-                self.model, self.tokenizer, hp.context_template_length_params,
-                seed=hp.context_template_seed, cache_dir=cache)
-            logger.info("ROME context templates: %s", self.context_templates)
+        self._prepare_templates()
         t1 = time.perf_counter()
         if hp.mom2_adjustment:
-            cov = self._covariance
-            if cov is None:
-                from pathlib import Path
-
-                from editkit.stats import second_moment
-
-                source = self._stats_texts if self._stats_texts is not None else hp.mom2_dataset
-                cov = second_moment(
-                    self.model, [hp.layer], source, tokenizer=self.tokenizer,
-                    n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length,
-                    dtype=hp.mom2_dtype, adapter=self.adapter,
-                    cache_dir=Path(self._cache_dir) / "stats" if self._cache_dir else None,
-                )[hp.layer]
+            self._prepare_statistics([hp.layer])
+            cov = self.covariances[hp.layer]
             d_in = self.adapter.kv_view(self._weight()).shape[1]
             if tuple(cov.shape) != (d_in, d_in):
                 raise StatsError(
@@ -181,14 +162,15 @@ class ROME(Editor):
         timings: dict[str, float] = {}
         t = time.perf_counter()
         keys = compute_key(self.model, self.tokenizer, self.adapter, hp.layer, request,
-                           self.context_templates, hp.fact_token)
+                           self.context_templates, hp.value.fact_token)
         timings["k_star"] = time.perf_counter() - t
         t = time.perf_counter()
-        value = compute_value(self.model, self.tokenizer, self.adapter, hp, request,
-                              self.context_templates,
+        value = compute_value(self.model, self.tokenizer, self.adapter, hp.value, request,
+                              self.context_templates, layer=hp.layer,
                               skip_lower_layers=self._skip_lower_layers)
         timings["v_star"] = time.perf_counter() - t
         t = time.perf_counter()
+        # Eq. 2: u = C⁻¹k*, Ŵ = W + (v* − Wk)uᵀ/(uᵀk), k = k* (r-ROME) or the bare prompt's.
         key_in = keys.k_star if hp.key_consistent else keys.k_plain
         u = left_vector(self._solver, keys.k_star)
         module = self.adapter.module(self.model, "mlp_out", hp.layer)
@@ -210,4 +192,5 @@ class ROME(Editor):
                   "steps": value.steps,
                   "delta_rel_norm": float(value.delta.norm() / value.v0.norm()),
                   "key_consistent": hp.key_consistent, "timings": timings},
+            settings=self.settings_metadata(),
         )

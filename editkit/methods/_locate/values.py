@@ -1,14 +1,15 @@
-"""Step 2 of ROME: the value v* that makes the model say the new object (paper §3.1, eq. 4).
+"""The value v* that makes the model say the new object (ROME §3.1 eq. 4; MEMIT's z, eq. 16).
 
     v* = v₀ + δ,   δ = argmin  1/N Σⱼ −log p(o* | xⱼ + p; m := v₀ + δ)
                              + kl_factor · KL(p(· | "s is a"; m := v₀ + δ) ‖ p(· | "s is a"))
-                             + v_weight_decay · ‖δ‖ / ‖v₀‖²
+                             + weight_decay · ‖δ‖ / ‖v₀‖²
 
-where ``m := v₀ + δ`` adds δ to the output of the edited matrix (the MLP value) at the
-subject's last token of every prompt; v₀ is that output on the bare prompt. Adam (lr
-``v_lr``) runs ``v_num_grad_steps`` steps, ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖``
-after each, and it stops early once the loss is below ``v_early_stop_loss``. The KL term is
-the paper's "essence" drift, KL(edited ‖ original), as in the reference implementation.
+where ``m := v₀ + δ`` adds δ to the output of the edited module (ROME: the MLP value;
+MEMIT: the residual stream) at the subject's last token of every prompt; v₀ is that output
+on the bare prompt. Adam (lr ``lr``) runs ``num_grad_steps`` steps, ``‖δ‖`` is clamped to
+``clamp_norm_factor · ‖v₀‖`` after each, and it stops early once the loss is below
+``early_stop_loss`` (all fields of :class:`ValueHyperParams`). The KL term is the paper's
+"essence" drift, KL(edited ‖ original), as in the reference implementation.
 
 Speed: layers below the edited one do not depend on δ. :class:`editkit.replay.BlockReplay`
 runs the model once, captures the input (residual stream) and call arguments of every block
@@ -28,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from editkit.methods.rome.compute_k import fact_token_index
-from editkit.methods.rome.hparams import ROMEHyperParams
-from editkit.methods.rome.templates import PLAIN, apply_template
+from editkit.errors import InvalidHyperParamsError
+from editkit.methods._locate.hparams import ValueHyperParams
+from editkit.methods._locate.keys import fact_token_index
+from editkit.methods._locate.templates import PLAIN, apply_template
 from editkit.nethooks import Trace
 from editkit.replay import BlockReplay
 from editkit.requests import EditRequest
@@ -98,18 +100,27 @@ def _build_rows(tokenizer, request: EditRequest, templates: Sequence[str], fact_
     )
 
 
-def compute_value(model: nn.Module, tokenizer, adapter, hparams: ROMEHyperParams,
-                  request: EditRequest, templates: Sequence[str], *,
+def compute_value(model: nn.Module, tokenizer, adapter, hparams: Any,
+                  request: EditRequest, templates: Sequence[str], *, layer: int | None = None,
                   skip_lower_layers: bool = True, slot: str = "mlp_out") -> ValueResult:
     """Optimise δ (eq. 4) and return v* = v₀ + δ. The model is left unchanged.
 
+    ``hparams`` is a :class:`ValueHyperParams` (then ``layer`` is required) or any
+    hyperparameters holding one as ``value`` and the edited ``layer`` (``ROMEHyperParams``).
     ``templates`` must contain the plain ``"{}"`` (v₀ is read on it). ``slot`` is the module
-    of ``hparams.layer`` whose output δ is added to: ``"mlp_out"`` (ROME's MLP value) or
-    ``"block"`` (MEMIT's residual stream z, paper eq. 16).
+    of ``layer`` whose output δ is added to: ``"mlp_out"`` (ROME's MLP value) or ``"block"``
+    (MEMIT's residual stream z, paper eq. 16).
     """
-    hp = hparams
+    if isinstance(hparams, ValueHyperParams):
+        hp = hparams
+        if layer is None:
+            raise InvalidHyperParamsError(
+                "compute_value got a ValueHyperParams but no layer; pass layer=<edited block>")
+    else:
+        hp = hparams.value
+        layer = hparams.layer if layer is None else layer
     device = next(model.parameters()).device
-    layer, loss_layer = hp.layer, hp.loss_layer(adapter.num_layers(model))
+    loss_layer = hp.read_layer(adapter.num_layers(model))
     rows = _build_rows(tokenizer, request, templates, hp.fact_token, device)
     n_rows = rows.batch.input_ids.shape[0]
     row_index = torch.arange(n_rows, device=device)
@@ -156,12 +167,12 @@ def compute_value(model: nn.Module, tokenizer, adapter, hparams: ROMEHyperParams
             h[row_index, rows.edit_idx] = h[row_index, rows.edit_idx] + delta.to(h.dtype)
             return h
 
-        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        opt = torch.optim.Adam([delta], lr=hp.lr)
         v0_norm = v0.norm()
         max_norm = hp.clamp_norm_factor * v0_norm
         kl_init: torch.Tensor | None = None
         result = ValueResult(v_star=v0, v0=v0, delta=delta.detach())
-        for step in range(hp.v_num_grad_steps):
+        for step in range(hp.num_grad_steps):
             opt.zero_grad(set_to_none=True)
             with Trace(model, [edited], edit_output=add_delta, detach=False):
                 logits = logits_at()
@@ -174,14 +185,14 @@ def compute_value(model: nn.Module, tokenizer, adapter, hparams: ROMEHyperParams
                 kl_init = kl_lp.detach().clone()
             kl = (kl_lp.exp() * (kl_lp - kl_init)).sum()  # KL(edited ‖ original)
             decay = delta.norm() / v0_norm ** 2
-            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * decay
+            loss = nll + hp.kl_factor * kl + hp.weight_decay * decay
             loss_value = float(loss.detach())
             result.losses.append(loss_value)
             result.nll.append(float(nll.detach()))
             logger.debug("v* step %d: loss %.4f (nll %.4f, kl %.4f, decay %.4f)", step,
                          loss_value, float(nll.detach()), float(kl.detach()),
                          float(decay.detach()))
-            if loss_value < hp.v_early_stop_loss:
+            if loss_value < hp.early_stop_loss:
                 break
             loss.backward()
             opt.step()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from editkit.methods.rome.templates import PLAIN, apply_template
+from editkit.methods._locate.templates import PLAIN, apply_template
 from editkit.nethooks import Trace
 from editkit.requests import EditRequest
 from editkit.tokens import encode, fill, pad_id, right_pad, subject_last_index
