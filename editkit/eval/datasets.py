@@ -23,13 +23,13 @@ list of dicts, ``"factworld"`` (the offline fact world's CounterFact-shaped reco
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from editkit import jsonio
 from editkit.errors import DatasetFormatError, DatasetUnavailableError, InvalidRequestError
 from editkit.requests import PLACEHOLDER, EditRequest
 
@@ -273,34 +273,11 @@ def parse_records(records: Iterable[Any], kind: str = "auto", n: int | None = No
 
 # ---------------------------------------------------------------------- sources
 def read_json_records(path: str | Path) -> list[Any]:
-    """Records of a ``.json`` file (a list) or a ``.jsonl`` file (one object per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetUnavailableError(f"dataset file {str(path)!r} does not exist; {_LOCAL_HINT}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(
-            f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); for one record per line "
-            "name the file .jsonl"
-        ) from exc
-    if isinstance(data, Mapping):  # a single record
-        data = [data]
-    if not isinstance(data, list):
-        raise DatasetFormatError(f"{path}: expected a JSON list of records, got "
-                                 f"{type(data).__name__}")
-    return data
+    """Records of a ``.json`` file (a list) or a ``.jsonl`` file (one object per line).
+
+    :func:`editkit.jsonio.read_json_records` with the evaluation's hint on a missing file.
+    """
+    return jsonio.read_json_records(path, hint=_LOCAL_HINT)
 
 
 def hub_records(name: str, split: str | None = None) -> list[Any]:
