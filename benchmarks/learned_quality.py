@@ -46,9 +46,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
+    from editkit.methods._learned.quality import edit_quality
+
     import editkit
     from editkit.methods._learned.data import as_requests, split_by_subject, subjects_of
-    from editkit.methods._learned.quality import edit_quality
     from editkit.methods.ke import KE, KETrainConfig
     from editkit.methods.mend import MEND, MENDTrainConfig
     from editkit.testbed import FactWorld, load_fact_world

@@ -346,3 +346,22 @@ def load_zsre(source: str | Path | Sequence[Any], n: int | None = None,
               target: str = "alt", **kwargs: Any) -> list[EvalRecord]:
     """zsRE records (MEND/ROME format) from a file, ``"hub:<name>"`` or a list."""
     return load_dataset(source, "zsre", n, zsre_target=target, **kwargs)
+
+
+def load_requests(source: str | Path | Sequence[Any], n: int | None = None,
+                  **kwargs: Any) -> list[EditRequest]:
+    """Edit requests from any :func:`load_dataset` source, or from a file of
+    ``EditRequest.to_dict()`` objects (``prompt``, ``subject``, ``target_new``, ...).
+
+    CounterFact and zsRE records are validated as :func:`load_dataset` does; ``"factworld"``
+    without ``n`` gives every fact-world record in ``case_id`` order.
+    """
+    raw: Any = source
+    if isinstance(source, (str, Path)) and Path(str(source)).expanduser().suffix in (".json",
+                                                                                       ".jsonl"):
+        raw = read_json_records(Path(str(source)).expanduser())
+    if (isinstance(raw, Sequence) and not isinstance(raw, str) and raw
+            and all(isinstance(r, Mapping) and "prompt" in r and "subject" in r for r in raw)):
+        return [EditRequest.from_dict(r) for r in raw[:n]]
+    return [r.request for r in load_dataset(raw, n=n, **kwargs)]
+

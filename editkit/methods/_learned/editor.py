@@ -48,7 +48,13 @@ from editkit.methods._learned.io import (
     load_hypernet_files,
     save_hypernet,
 )
-from editkit.methods._learned.training import EditContext, HypernetTrainer, Objective, _eval_mode
+from editkit.methods._learned.training import (
+    EditContext,
+    HypernetTrainer,
+    Objective,
+    RecordMetrics,
+    _eval_mode,
+)
 from editkit.patch import Patch
 from editkit.requests import EditRequest, as_request_list
 
@@ -218,7 +224,7 @@ class LearnedEditor(Editor):
               config: LearnedTrainConfig | dict | None = None, *,
               hparams: LearnedHyperParams | dict | None = None, adapter=None,
               locality_texts: Iterable[str] = (), exclude_subjects: Iterable[str] = (),
-              ) -> LearnedEditor:
+              record_metrics: RecordMetrics | None = None) -> LearnedEditor:
         """Train a hypernetwork for ``model`` and return an editor that uses it.
 
         ``train_records`` / ``val_records``: CounterFact or zsRE records (dicts), ``EvalRecord``
@@ -226,7 +232,9 @@ class LearnedEditor(Editor):
         out for validation. ``locality_texts``: extra unrelated prompts for the locality loss
         (e.g. corpus sentences); the training records' rewrite and neighbourhood prompts are
         always used. ``exclude_subjects`` (e.g. the test split's subjects): prompts that
-        mention them are never used in training. With ``config.out_dir`` the hypernetwork,
+        mention them are never used in training. ``record_metrics`` (e.g.
+        ``editkit.eval.counterfact_metrics``) adds edit-quality numbers of the validation
+        edits to the validation log. With ``config.out_dir`` the hypernetwork,
         checkpoints, the training log and curves are written there, and an interrupted run
         resumes from its checkpoint.
         """
@@ -267,7 +275,7 @@ class LearnedEditor(Editor):
             hypernet=editor.hypernet, objective=editor._build_objective(config),
             specs=editor.specs, train_examples=train_ex, val_examples=val_ex, pool=pool,
             config=config, method=cls.METHOD, fingerprint=fingerprint["digest"],
-            extra_meta={"hparams": hparams.to_dict()},
+            extra_meta={"hparams": hparams.to_dict()}, record_metrics=record_metrics,
         )
         trainer.run()
         editor.training_summary = {**trainer.summary(), "config": config.to_dict()}
