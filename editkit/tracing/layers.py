@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError
-from editkit.requests import EditRequest
-from editkit.tokens import score_targets
+from editkit.eval.metrics import harmonic_mean
+from editkit.eval.quality import edit_success
 from editkit.tracing.trace import (
     DEFAULT_NOISE,
     DEFAULT_SAMPLES,
@@ -92,14 +91,18 @@ def suggest_layer(model: nn.Module, tokenizer, records: Iterable[Any], *,
 
 
 # --------------------------------------------------------------------------- sweep
+#: SweepResult field → the CounterFact metric it holds (editkit.eval.counterfact_metrics).
+_SWEEP_FIELDS = {"efficacy": "ES", "efficacy_magnitude": "EM", "paraphrase": "PS",
+                 "specificity": "NS"}
+
 @dataclass
 class SweepResult:
     """Edit success of ``method`` at each candidate layer, and its agreement with tracing.
 
-    Per layer: ``efficacy`` (fraction of rewrite prompts with P(new) > P(true) after the edit),
-    ``efficacy_magnitude`` (mean P(new) − P(true), P = exp(mean token log-prob)),
-    ``paraphrase`` (same on paraphrase prompts), ``specificity`` (fraction of neighbourhood
-    prompts still with P(true) > P(new)), ``score`` (harmonic mean of the three).
+    Per layer, the CounterFact numbers of :func:`editkit.eval.counterfact_metrics` averaged
+    over the records (the field names are those of the saved sweeps): ``efficacy`` = ES,
+    ``efficacy_magnitude`` = EM, ``paraphrase`` = PS, ``specificity`` = NS (over every
+    neighbourhood prompt), ``score`` = S (:func:`editkit.eval.harmonic_mean` of the three).
     ``correlation``: Pearson r between the traced MLP AIE curve at the swept layers and the
     efficacy (``correlation_magnitude``: with the efficacy magnitude, ``correlation_score``:
     with the score); ``None`` if either is constant (e.g. efficacy 1.0 at every layer).
@@ -164,38 +167,9 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _harmonic(values: Sequence[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals or min(vals) <= 0:
-        return 0.0
-    return len(vals) / sum(1.0 / v for v in vals)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
-@torch.no_grad()
-def edit_success(model: nn.Module, tokenizer, request: EditRequest) -> dict[str, float]:
-    """CounterFact-style success of the (already applied) edit ``request`` on ``model``.
-
-    Compares the mean per-token log-probability of ``target_new`` and ``target_true``
-    (:func:`editkit.tokens.score_targets`) on the rewrite prompt, the paraphrases and the
-    neighbourhood prompts. Missing prompt sets give NaN.
-    """
-    prompts = [request.text, *request.paraphrases, *request.neighborhood]
-    k = len(prompts)
-    lp = score_targets(model, tokenizer, prompts * 2,
-                       [request.target_new] * k + [request.target_true] * k)
-    new, true = lp[:k], lp[k:]
-    para = slice(1, 1 + len(request.paraphrases))
-    neigh = slice(1 + len(request.paraphrases), k)
-    return {
-        "efficacy": float(new[0] > true[0]),
-        "efficacy_magnitude": float(new[0].exp() - true[0].exp()),
-        "paraphrase": _mean((new[para] > true[para]).float().tolist()),
-        "specificity": _mean((true[neigh] > new[neigh]).float().tolist()),
-    }
+def _mean(values: Sequence[float | None]) -> float:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(present)) if present else float("nan")
 
 
 def _method_class(method: str | type) -> type:
@@ -216,7 +190,8 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterab
     ``method``: a registered method name (``"rome"``, ``"ft"``) or an ``Editor`` subclass
     whose hyperparameters have a ``layer`` field; ``hparams`` (default: the method's defaults
     for this model) is copied with ``layer=l`` for each candidate l. Each record is edited on
-    its own (apply, score with :func:`edit_success`, revert), so the model is unchanged at the
+    its own (``with editor.applied(request)``, scored with
+    :func:`editkit.eval.edit_success`), so the model is unchanged at the
     end. ``layers`` defaults to every layer. The traced curve (``trace_curve``, or computed
     with :func:`suggest_layer` and ``trace_kwargs`` if ``trace``) is reported beside the sweep
     with their correlation.
@@ -266,9 +241,7 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterab
             )
         traced_layer = int(np.argmax(trace_curve))
 
-    metrics: dict[str, list[float]] = {k: [] for k in
-                                       ("efficacy", "efficacy_magnitude", "paraphrase",
-                                        "specificity")}
+    metrics: dict[str, list[float]] = {k: [] for k in _SWEEP_FIELDS}
     bar = tqdm(total=len(layers) * len(requests), desc=f"{cls.__name__} layer sweep",
                disable=not progress)
     for layer in layers:
@@ -276,19 +249,16 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterab
                      adapter=adapter)
         per_record = []
         for request in requests:
-            editor.apply(request)
-            try:
+            with editor.applied(request):
                 per_record.append(edit_success(model, tokenizer, request))
-            finally:
-                editor.revert()
             bar.update()
-        for key, values in metrics.items():
-            values.append(_mean([m[key] for m in per_record if not math.isnan(m[key])]))
+        for field_name, metric in _SWEEP_FIELDS.items():
+            metrics[field_name].append(_mean([m[metric] for m in per_record]))
     bar.close()
 
     swept_curve = None if trace_curve is None else [trace_curve[i] for i in layers]
-    scores = [_harmonic(v) for v in zip(metrics["efficacy"], metrics["paraphrase"],
-                                        metrics["specificity"], strict=True)]
+    scores = [harmonic_mean(v) for v in zip(metrics["efficacy"], metrics["paraphrase"],
+                                            metrics["specificity"], strict=True)]
     return SweepResult(
         method=getattr(cls, "name", cls.__name__), layers=layers,
         efficacy=metrics["efficacy"], efficacy_magnitude=metrics["efficacy_magnitude"],
