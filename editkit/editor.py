@@ -84,6 +84,7 @@ class EditHistory:
     @torch.no_grad()
     def push(self, model: nn.Module, patch: Patch, method: str, requests: list[EditRequest],
              seconds: float) -> AppliedEdit:
+        """Apply ``patch`` to ``model`` (saving the originals it touches first) and record it."""
         params = dict(model.named_parameters())
         for name in patch.deltas:
             if name not in self.originals:
@@ -94,6 +95,7 @@ class EditHistory:
         return edit
 
     def find(self, edit_id: int) -> AppliedEdit:
+        """The applied edit with id ``edit_id``; :class:`HistoryError` if there is none."""
         for e in self.edits:
             if e.id == edit_id:
                 return e

@@ -45,16 +45,20 @@ class LowRank:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """Shape of Δ in the parameter's layout: (rows of u, rows of v)."""
         return (self.u.shape[0], self.v.shape[0])
 
     @property
     def rank(self) -> int:
+        """Number of rank-one terms (columns of u and v)."""
         return self.u.shape[1]
 
     def materialize(self) -> torch.Tensor:
+        """The full Δ = u @ v.T."""
         return self.u @ self.v.T
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (what ``save`` writes)."""
         return {"u": self.u, "v": self.v}
 
 
@@ -66,12 +70,15 @@ class Dense:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """Shape of Δ (the parameter's shape)."""
         return tuple(self.delta.shape)
 
     def materialize(self) -> torch.Tensor:
+        """The full Δ."""
         return self.delta
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (what ``save`` writes)."""
         return {"dense": self.delta}
 
 
@@ -132,10 +139,12 @@ class Patch:
     # --------------------------------------------------------------- checks
     @property
     def names(self) -> list[str]:
+        """Names of the parameters this patch changes."""
         return list(self.deltas)
 
     @property
     def base_fingerprint(self) -> dict[str, str]:
+        """Parameter name → content hash of the base weights the patch was computed on."""
         return dict(self.metadata.get("base_fingerprint", {}))
 
     def stamp_base(self, model: nn.Module) -> Patch:
@@ -144,6 +153,7 @@ class Patch:
         return self
 
     def check_finite(self) -> None:
+        """Raise :class:`EditFailedError` if any delta holds NaN or inf."""
         for name, delta in self.deltas.items():
             for part, t in delta.tensors().items():
                 if not torch.isfinite(t).all():
@@ -224,6 +234,7 @@ class Patch:
         return path
 
     def to_dict_summary(self) -> dict[str, Any]:
+        """A JSON-able overview: per parameter, the delta kind and shape."""
         return {
             name: {"kind": type(d).__name__, "shape": list(d.shape)}
             for name, d in self.deltas.items()

@@ -75,6 +75,7 @@ class EditRequest:
         return self.prompt.replace(PLACEHOLDER, self.subject)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; :meth:`from_dict` reads it back."""
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["neighborhood"] = list(self.neighborhood)
@@ -82,6 +83,7 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EditRequest:
+        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
         known = {"prompt", "subject", "target_new", "target_true", "paraphrases",
                  "neighborhood", "case_id"}
         unknown = set(data) - known

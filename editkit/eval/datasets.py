@@ -62,24 +62,29 @@ class EvalRecord:
     # CounterFact groups ------------------------------------------------------------
     @property
     def rewrite_prompts(self) -> list[str]:
+        """The rewrite prompt (the request's text) as a one-element list."""
         return [self.request.text]
 
     @property
     def paraphrase_prompts(self) -> list[str]:
+        """Paraphrases of the rewrite prompt (PS)."""
         return list(self.request.paraphrases)
 
     @property
     def neighborhood_prompts(self) -> list[str]:
+        """Prompts whose answer must not change (NS; zsRE: the ``loc`` question)."""
         if self.kind == "zsre":
             return [self.loc_prompt] if self.loc_prompt else []
         return list(self.request.neighborhood)
 
     @property
     def attribute_prompts(self) -> list[str]:
+        """CounterFact prompts about other subjects that have the new object."""
         return list(self.raw.get("attribute_prompts", ()) or ())
 
     @property
     def generation_prompts(self) -> list[str]:
+        """CounterFact prompts for generated text (GE, RS)."""
         return list(self.raw.get("generation_prompts", ()) or ())
 
     # zsRE locality ----------------------------------------------------------------
@@ -94,6 +99,7 @@ class EvalRecord:
 
     @property
     def loc_ans(self) -> str | None:
+        """The zsRE locality answer (``None`` for CounterFact)."""
         return self.raw.get("loc_ans") if self.kind == "zsre" else None
 
     def prompts(self, group: str) -> list[str]:
@@ -107,6 +113,7 @@ class EvalRecord:
             ) from None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (kind, index, case_id and the request; not the raw record)."""
         return {"kind": self.kind, "index": self.index, "case_id": self.case_id,
                 "request": self.request.to_dict()}
 

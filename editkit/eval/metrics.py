@@ -74,6 +74,7 @@ class RecordScores:
     generations: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (only the measurements that were taken)."""
         d: dict[str, Any] = {}
         if self.logprobs:
             d["logprobs"] = self.logprobs
@@ -88,6 +89,7 @@ class RecordScores:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RecordScores:
+        """Inverse of :meth:`to_dict`."""
         return cls(
             logprobs={k: [list(map(float, r)) for r in v]
                       for k, v in data.get("logprobs", {}).items()},
@@ -263,6 +265,7 @@ class ReferenceTable:
         return cls(idf, refs)
 
     def texts_for(self, record) -> list[str] | None:
+        """Reference texts of ``record`` (looked up as the class docstring says), or ``None``."""
         raw = record.raw
         rw = raw.get("requested_rewrite", {}) if isinstance(raw, Mapping) else {}
         tn = rw.get("target_new", {}) if isinstance(rw, Mapping) else {}
@@ -310,6 +313,7 @@ class Metric:
     percent: bool = True
 
     def info(self) -> dict[str, Any]:
+        """What reports store about the metric: dataset, direction, aggregation, inputs."""
         return {"dataset": self.dataset, "description": self.description,
                 "higher_is_better": self.higher_is_better, "aggregation": self.aggregation,
                 "inputs": list(self.inputs), "percent": self.percent}
@@ -327,6 +331,7 @@ METRICS: Registry[Metric] = Registry(
 
 
 def get_metric(name: str) -> Metric:
+    """The registered :class:`Metric` called ``name`` (:class:`UnknownMetricError` if none)."""
     return METRICS.get(name)
 
 
