@@ -41,6 +41,7 @@ from editkit.eval.metrics import (
 )
 from editkit.eval.report import Report
 from editkit.eval.scoring import score_records
+from editkit.protocols import TokenizerLike
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def _record_values(metrics: Sequence[Metric], records: Sequence[EvalRecord],
 def evaluate(
     editor_or_method: Editor | type[Editor] | str,
     model: nn.Module | None = None,
-    tokenizer: Any = None,
+    tokenizer: TokenizerLike | None = None,
     records: Sequence[EvalRecord | dict[str, Any]] = (),
     protocol: str = "independent",
     metrics: Sequence[str] | None = None,

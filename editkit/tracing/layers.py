@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError
 from editkit.eval.metrics import harmonic_mean
 from editkit.eval.quality import edit_success
+from editkit.protocols import TokenizerLike
 from editkit.tracing.trace import (
     DEFAULT_NOISE,
     DEFAULT_SAMPLES,
@@ -56,7 +57,7 @@ def layer_from_aie(aie: AIEResult, group: str = SUGGEST_GROUP) -> LayerSuggestio
     return LayerSuggestion(int(np.argmax(curve)), curve)
 
 
-def mlp_aie(model: nn.Module, tokenizer, records: Iterable[Any], *, n: int | None = None,
+def mlp_aie(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any], *, n: int | None = None,
             window: int | None = None, samples: int = DEFAULT_SAMPLES,
             noise: float = DEFAULT_NOISE, noise_std: float | None = None,
             texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
@@ -69,7 +70,7 @@ def mlp_aie(model: nn.Module, tokenizer, records: Iterable[Any], *, n: int | Non
     return average_indirect_effect([t["mlp"] for t in traces], only_correct=only_correct)
 
 
-def suggest_layer(model: nn.Module, tokenizer, records: Iterable[Any], *,
+def suggest_layer(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any], *,
                   n: int | None = None, window: int | None = None,
                   samples: int = DEFAULT_SAMPLES, noise: float = DEFAULT_NOISE,
                   noise_std: float | None = None, texts: Sequence[str] | None = None,
@@ -180,7 +181,7 @@ def _method_class(method: str | type) -> type:
     return method
 
 
-def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterable[Any],
+def layer_sweep(method: str | type, model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any],
                 layers: Sequence[int] | None = None, *, hparams=None,
                 trace_curve: Sequence[float] | None = None, trace: bool = True,
                 n: int | None = None, progress: bool = True, **trace_kwargs: Any
