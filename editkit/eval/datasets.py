@@ -23,6 +23,7 @@ list of dicts, ``"factworld"`` (the offline fact world's CounterFact-shaped reco
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,27 +215,24 @@ def parse_zsre(record: Any, index: int = 0, target: str = "alt") -> EvalRecord:
         )
     if PLACEHOLDER in src:
         raise DatasetFormatError(f"{where}: field 'src' contains '{{}}' ({src!r}); remove it")
-    alt = _string(record, "alt", where)
+    _string(record, "alt", where)
     answers = _strings(record, "answers", where, required=True)
     if not answers:
         raise DatasetFormatError(f"{where}: field 'answers' is empty; give at least one answer")
-    rephrase = _string(record, "rephrase", where)
+    _string(record, "rephrase", where)
     _string(record, "loc", where)
     _string(record, "loc_ans", where)
     case_id = record.get("case_id", index)
     if not isinstance(case_id, (int, str)) or isinstance(case_id, bool):
         raise DatasetFormatError(f"{where}: field 'case_id' must be an int or string, "
                                  f"got {case_id!r}")
-    new, true = (alt, answers[0]) if target == "alt" else (answers[0], None)
-    if true is not None and true.strip() == new.strip():
-        true = None  # alt equal to the answer: nothing to contrast it with
     try:
-        request = EditRequest(
-            prompt=src.replace(subject, PLACEHOLDER, 1), subject=subject, target_new=new,
-            target_true=true, paraphrases=(rephrase,), case_id=case_id,
-        )
-    except InvalidRequestError as exc:
+        request = EditRequest.from_zsre({**record, "case_id": case_id}, target=target)
+    except (InvalidRequestError, DatasetFormatError) as exc:
         raise DatasetFormatError(f"{where}: {exc}") from exc
+    # The evaluation scores ``loc`` by token accuracy against ``loc_ans`` (EvalRecord.loc_prompt),
+    # not as a CounterFact neighbour of the edit, so the request does not carry it.
+    request = dataclasses.replace(request, neighborhood=())
     return EvalRecord("zsre", index, case_id, request, record)
 
 
