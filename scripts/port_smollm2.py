@@ -91,8 +91,8 @@ def _sweep(args, model, tok) -> None:
     plots.plot_layer_sweep(sweep, out / name)
     print(f"ROME sweep over {sweep.n_records} facts in {time.perf_counter() - t0:.0f}s")
     for i, lay in enumerate(sweep.layers):
-        print(f"  layer {lay:2d}: ES {sweep.efficacy[i]:.3f}  PS {sweep.paraphrase[i]:.3f}  "
-              f"NS {sweep.specificity[i]:.3f}  score {sweep.score[i]:.3f}")
+        print(f"  layer {lay:2d}: ES {sweep.ES[i]:.3f}  PS {sweep.PS[i]:.3f}  "
+              f"NS {sweep.NS[i]:.3f}  S {sweep.S[i]:.3f}")
     print(f"best layer {sweep.best_layer}; correlation with the traced curve: "
           f"{sweep.correlation_score}")
 

@@ -684,3 +684,18 @@ def test_fact_world_ft_edits_and_keeps_neighbours():
     # The trained model knows its facts: before editing the true object wins.
     assert rep.mean("ES", "pre") <= 0.25 and rep.mean("NS", "pre") >= 0.75
     assert rep.mean("ES", "post") >= 0.75
+
+
+def test_layer_sweeps_use_the_metric_names_and_read_earlier_files():
+    from editkit.tracing import SweepResult
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "tracing" / "layer_sweep_rome.json"
+    saved = json.loads(path.read_text())
+    sweep = SweepResult.from_dict(saved)   # written with efficacy / specificity / score
+    assert sweep.ES == saved["efficacy"] and sweep.NS == saved["specificity"]
+    assert sweep.best_layer == saved["best_layer"] and sweep.efficacy is sweep.ES
+    for i in range(len(sweep.layers)):
+        assert sweep.S[i] == pytest.approx(harmonic_mean([sweep.ES[i], sweep.PS[i], sweep.NS[i]]))
+    again = sweep.to_dict()
+    assert {"ES", "EM", "PS", "NS", "S"} <= set(again) and "efficacy" not in again
+    assert SweepResult.from_dict(again) == sweep

@@ -92,30 +92,35 @@ def suggest_layer(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[
 
 
 # --------------------------------------------------------------------------- sweep
-#: SweepResult field → the CounterFact metric it holds (editkit.eval.counterfact_metrics).
-_SWEEP_FIELDS = {"efficacy": "ES", "efficacy_magnitude": "EM", "paraphrase": "PS",
-                 "specificity": "NS"}
+#: The CounterFact numbers a sweep records per layer (editkit.eval.counterfact_metrics).
+SWEEP_METRICS = ("ES", "EM", "PS", "NS")
+#: Field names of sweeps saved before the metrics were unified → the metric they hold.
+_OLD_NAMES = {"efficacy": "ES", "efficacy_magnitude": "EM", "paraphrase": "PS",
+              "specificity": "NS", "score": "S"}
+
 
 @dataclass
 class SweepResult:
     """Edit success of ``method`` at each candidate layer, and its agreement with tracing.
 
     Per layer, the CounterFact numbers of :func:`editkit.eval.counterfact_metrics` averaged
-    over the records (the field names are those of the saved sweeps): ``efficacy`` = ES,
-    ``efficacy_magnitude`` = EM, ``paraphrase`` = PS, ``specificity`` = NS (over every
-    neighbourhood prompt), ``score`` = S (:func:`editkit.eval.harmonic_mean` of the three).
-    ``correlation``: Pearson r between the traced MLP AIE curve at the swept layers and the
-    efficacy (``correlation_magnitude``: with the efficacy magnitude, ``correlation_score``:
-    with the score); ``None`` if either is constant (e.g. efficacy 1.0 at every layer).
+    over the records: ``ES`` (rewrite prompt), ``EM`` (its magnitude P(new) − P(true)),
+    ``PS`` (paraphrases), ``NS`` (every neighbourhood prompt), ``S``
+    (:func:`editkit.eval.harmonic_mean` of ES, PS, NS). ``correlation``: Pearson r between
+    the traced MLP AIE curve at the swept layers and ES (``correlation_magnitude``: with EM,
+    ``correlation_score``: with S); ``None`` if either is constant (e.g. ES 1.0 at every
+    layer). Saved sweeps with the earlier names (``efficacy``, ``efficacy_magnitude``,
+    ``paraphrase``, ``specificity``, ``score``) load with :meth:`from_dict`, and those names
+    remain readable attributes.
     """
 
     method: str
     layers: list[int]
-    efficacy: list[float]
-    efficacy_magnitude: list[float]
-    paraphrase: list[float]
-    specificity: list[float]
-    score: list[float]
+    ES: list[float]
+    EM: list[float]
+    PS: list[float]
+    NS: list[float]
+    S: list[float]
     n_records: int
     trace_curve: list[float] | None = None
     traced_layer: int | None = None
@@ -123,14 +128,20 @@ class SweepResult:
     correlation_magnitude: float | None = None
     correlation_score: float | None = None
 
+    # the attribute names of sweeps saved before the metrics were unified
+    efficacy = property(lambda self: self.ES)
+    efficacy_magnitude = property(lambda self: self.EM)
+    paraphrase = property(lambda self: self.PS)
+    specificity = property(lambda self: self.NS)
+    score = property(lambda self: self.S)
+
     @property
     def best_layer(self) -> int:
-        """Layer where editing works best: highest score (harmonic mean of efficacy,
-        paraphrase and specificity); ties by efficacy, then efficacy magnitude, then the
-        lower layer."""
+        """Layer where editing works best: highest S; ties by ES, then EM, then the lower
+        layer."""
         def key(i: int) -> tuple[float, float, float, int]:
-            score = -1.0 if math.isnan(self.score[i]) else self.score[i]
-            return (score, self.efficacy[i], self.efficacy_magnitude[i], -i)
+            score = -1.0 if math.isnan(self.S[i]) else self.S[i]
+            return (score, self.ES[i], self.EM[i], -i)
 
         return self.layers[max(range(len(self.layers)), key=key)]
 
@@ -140,6 +151,7 @@ class SweepResult:
         return None if self.traced_layer is None else self.traced_layer == self.best_layer
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (NaN as ``null``), with ``best_layer`` and ``agree``."""
         d = {k: ([None if isinstance(x, float) and math.isnan(x) else x for x in v]
                  if isinstance(v, list) else v)
              for k, v in dataclasses.asdict(self).items()}
@@ -149,8 +161,10 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepResult:
+        """Inverse of :meth:`to_dict`; also reads sweeps saved with the earlier names."""
         names = {f.name for f in dataclasses.fields(cls)}
         nan = float("nan")
+        data = {_OLD_NAMES.get(k, k): v for k, v in data.items()}
         return cls(**{k: ([nan if x is None else x for x in v]
                           if isinstance(v, list) and k != "layers" else v)
                       for k, v in data.items() if k in names})
@@ -242,7 +256,7 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer: TokenizerLike, 
             )
         traced_layer = int(np.argmax(trace_curve))
 
-    metrics: dict[str, list[float]] = {k: [] for k in _SWEEP_FIELDS}
+    metrics: dict[str, list[float]] = {k: [] for k in SWEEP_METRICS}
     bar = tqdm(total=len(layers) * len(requests), desc=f"{cls.__name__} layer sweep",
                disable=not progress)
     for layer in layers:
@@ -253,22 +267,18 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer: TokenizerLike, 
             with editor.applied(request):
                 per_record.append(edit_success(model, tokenizer, request))
             bar.update()
-        for field_name, metric in _SWEEP_FIELDS.items():
-            metrics[field_name].append(_mean([m[metric] for m in per_record]))
+        for metric, values in metrics.items():
+            values.append(_mean([m[metric] for m in per_record]))
     bar.close()
 
     swept_curve = None if trace_curve is None else [trace_curve[i] for i in layers]
-    scores = [harmonic_mean(v) for v in zip(metrics["efficacy"], metrics["paraphrase"],
-                                            metrics["specificity"], strict=True)]
+    scores = [harmonic_mean(v) for v in zip(metrics["ES"], metrics["PS"], metrics["NS"],
+                                            strict=True)]
     return SweepResult(
-        method=getattr(cls, "name", cls.__name__), layers=layers,
-        efficacy=metrics["efficacy"], efficacy_magnitude=metrics["efficacy_magnitude"],
-        paraphrase=metrics["paraphrase"], specificity=metrics["specificity"],
-        score=scores,
+        method=getattr(cls, "name", cls.__name__), layers=layers, **metrics, S=scores,
         n_records=len(requests), trace_curve=swept_curve, traced_layer=traced_layer,
-        correlation=None if swept_curve is None else _pearson(swept_curve,
-                                                              metrics["efficacy"]),
-        correlation_magnitude=None if swept_curve is None else _pearson(
-            swept_curve, metrics["efficacy_magnitude"]),
+        correlation=None if swept_curve is None else _pearson(swept_curve, metrics["ES"]),
+        correlation_magnitude=None if swept_curve is None else _pearson(swept_curve,
+                                                                        metrics["EM"]),
         correlation_score=None if swept_curve is None else _pearson(swept_curve, scores),
     )
