@@ -18,7 +18,7 @@ from typing import Any
 
 from editkit.errors import DatasetFormatError, DatasetUnavailableError
 
-__all__ = ["iter_jsonl", "read_json_records"]
+__all__ = ["iter_jsonl", "read_json", "read_json_records"]
 
 
 def _require_file(path: Path, hint: str) -> None:
@@ -51,6 +51,19 @@ def iter_jsonl(path: str | Path, *, hint: str = "") -> Iterator[Any]:
                 ) from exc
 
 
+def read_json(path: str | Path, *, hint: str = "") -> Any:
+    """The JSON document in ``path``; errors name the file and line (``"<path>:<line>: ..."``)."""
+    path = Path(path)
+    _require_file(path, hint)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(
+            f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+            + (f"; {hint}" if hint else "")
+        ) from exc
+
+
 def read_json_records(path: str | Path, *, hint: str = "") -> list[Any]:
     """Records of a ``.jsonl`` file (one per line) or a ``.json`` file (a list, or one object).
 
@@ -59,14 +72,8 @@ def read_json_records(path: str | Path, *, hint: str = "") -> list[Any]:
     path = Path(path)
     if path.suffix == ".jsonl":
         return list(iter_jsonl(path, hint=hint))
-    _require_file(path, hint)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(
-            f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); for one "
-            "record per line name the file .jsonl" + (f"; {hint}" if hint else "")
-        ) from exc
+    data = read_json(path, hint="for one record per line name the file .jsonl"
+                     + (f"; {hint}" if hint else ""))
     if isinstance(data, Mapping):  # a single record
         return [data]
     if not isinstance(data, list):

@@ -300,6 +300,10 @@ def test_jsonl_reader_errors_are_typed_and_line_numbered(tmp_path):
         read_json_records(doc)
     with pytest.raises(DatasetUnavailableError, match="no file"):
         read_json_records(tmp_path / "absent.jsonl")
+    idf = tmp_path / "idf.json"                       # the same reader serves every JSON file
+    idf.write_text('{"paris": 1.0,\n "city" 2.0}')
+    with pytest.raises(DatasetFormatError, match=r"idf\.json:2: invalid JSON"):
+        ReferenceTable.from_files(idf, doc)
 
 
 def test_load_requests_reads_records_and_request_dicts(tmp_path):

@@ -41,7 +41,6 @@ interval (1000 resamples of the records, fixed seed).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from editkit.errors import DatasetFormatError, UnknownMetricError
+from editkit.jsonio import read_json
 from editkit.registry import Registry
 
 # --------------------------------------------------------------------- raw scores
@@ -250,13 +250,7 @@ class ReferenceTable:
     @classmethod
     def from_files(cls, idf_path: str | Path, references_path: str | Path) -> ReferenceTable:
         """Read a JSON ``{word: idf}`` file and a JSON ``{key: [texts]}`` file."""
-        def read(p: str | Path) -> Any:
-            try:
-                return json.loads(Path(p).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise DatasetFormatError(f"cannot read {str(p)!r}: {exc}; give a JSON file") \
-                    from exc
-        idf, refs = read(idf_path), read(references_path)
+        idf, refs = read_json(idf_path), read_json(references_path)
         if not isinstance(idf, Mapping) or not isinstance(refs, Mapping):
             raise DatasetFormatError(
                 f"{idf_path} must hold a JSON object word → idf and {references_path} a JSON "

@@ -56,6 +56,7 @@ from editkit.methods._learned.training import (
     _eval_mode,
 )
 from editkit.patch import Patch
+from editkit.protocols import AdapterLike, TokenizerLike
 from editkit.requests import EditRequest, as_request_list
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,9 @@ class LearnedEditor(Editor):
     train_config_class: ClassVar[type[LearnedTrainConfig]] = LearnedTrainConfig
     sequential = True
 
-    def __init__(self, model: nn.Module, tokenizer=None, hparams: LearnedHyperParams | None = None,
-                 adapter=None, *, hypernet: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: TokenizerLike | None = None,
+                 hparams: LearnedHyperParams | None = None, adapter: AdapterLike | None = None,
+                 *, hypernet: nn.Module | None = None) -> None:
         super().__init__(model, tokenizer, hparams, adapter)
         self.hypernet = hypernet
         self.hypernet_info: dict[str, Any] = {}
@@ -177,7 +179,8 @@ class LearnedEditor(Editor):
         self._adopt(hypernet)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, tokenizer=None, adapter=None,
+    def load(cls, path: str | Path, model: nn.Module, tokenizer: TokenizerLike | None = None,
+             adapter: AdapterLike | None = None,
              **overrides: Any) -> LearnedEditor:
         """An editor for ``model`` with the hypernetwork stored in ``path``."""
         _, meta = load_hypernet_files(path, cls.METHOD)
@@ -219,10 +222,10 @@ class LearnedEditor(Editor):
 
     # --------------------------------------------------------------- training
     @classmethod
-    def train(cls, model: nn.Module, tokenizer, train_records: Iterable[Any],
+    def train(cls, model: nn.Module, tokenizer: TokenizerLike, train_records: Iterable[Any],
               val_records: Iterable[Any] | None = None,
               config: LearnedTrainConfig | dict | None = None, *,
-              hparams: LearnedHyperParams | dict | None = None, adapter=None,
+              hparams: LearnedHyperParams | dict | None = None, adapter: AdapterLike | None = None,
               locality_texts: Iterable[str] = (), exclude_subjects: Iterable[str] = (),
               record_metrics: RecordMetrics | None = None) -> LearnedEditor:
         """Train a hypernetwork for ``model`` and return an editor that uses it.
