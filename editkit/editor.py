@@ -22,7 +22,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, overload
 
@@ -274,12 +274,14 @@ class Editor(ABC):
         return self
 
     @overload
-    def applied(self, requests: EditRequest) -> Iterator[AppliedEdit]: ...
+    def applied(self, requests: EditRequest) -> AbstractContextManager[AppliedEdit]: ...
+
     @overload
-    def applied(self, requests: Sequence[EditRequest]) -> Iterator[list[AppliedEdit]]: ...
+    def applied(self, requests: Sequence[EditRequest]
+                ) -> AbstractContextManager[list[AppliedEdit]]: ...
 
     @contextmanager
-    def applied(self, requests):
+    def applied(self, requests: EditRequest | Sequence[EditRequest]) -> Iterator[Any]:
         """Apply ``requests`` for the duration of a ``with`` block, then revert exactly them.
 
         ``with editor.applied(request) as edit:`` yields the :class:`AppliedEdit` of one
