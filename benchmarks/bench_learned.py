@@ -46,14 +46,13 @@ def time_edits(factory, requests, warmup: int = 2) -> tuple[float, list[float]]:
     editor.prepare()
     prepare = time.perf_counter() - t0
     for r in requests[:warmup]:
-        editor.apply(r)
-        editor.revert()
+        with editor.applied(r):
+            pass
     times = []
     for r in requests:
         t = time.perf_counter()
-        editor.apply(r)
-        times.append(time.perf_counter() - t)
-        editor.revert()
+        with editor.applied(r):
+            times.append(time.perf_counter() - t)
     return prepare, times
 
 

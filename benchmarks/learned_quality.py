@@ -6,7 +6,8 @@
 The fact world's CounterFact-shaped records are split by subject (80 / 10 / 10 %, seed 0):
 the hypernetworks train on the first part, validate (early stopping) on the second, and every
 method is scored on the third, whose subjects never occur in a training prompt. Each test
-record is edited alone, scored (ES / PS / NS by mean per-token log-probability) and reverted.
+record is edited alone, scored (ES / PS / NS over every paraphrase and neighbourhood prompt,
+``editkit.eval.edit_quality``) and reverted.
 
 Writes into ``--out``: one directory per method (hypernetwork, checkpoint, training log and
 curves, as ``editkit train-<method>`` does) and ``results.json``. With ``--ship`` the trained
@@ -47,8 +48,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     import editkit
+    from editkit.eval import counterfact_metrics, edit_quality
     from editkit.methods._learned.data import as_requests, split_by_subject, subjects_of
-    from editkit.methods._learned.quality import edit_quality
     from editkit.methods.ke import KE, KETrainConfig
     from editkit.methods.mend import MEND, MENDTrainConfig
     from editkit.testbed import FactWorld, load_fact_world
@@ -72,7 +73,8 @@ def main() -> None:
                           val_size=60, patience=6, checkpoint_every=100, out_dir=str(run_dir))
             editors[m] = cls.train(model, tok, train, val, cfg,
                                    locality_texts=world.texts(3000),
-                                   exclude_subjects=subjects_of(test))
+                                   exclude_subjects=subjects_of(test),
+                                   record_metrics=counterfact_metrics)
         log = json.loads((run_dir / "training_log.json").read_text())
         results["methods"][m] = {"training": log["summary"]}
         size = (run_dir / "hypernet.safetensors").stat().st_size
@@ -112,7 +114,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         sec = "–" if r.get("seconds_per_edit") is None else f"{r['seconds_per_edit']:.3f}"
-        print(f"| {name} | {r['es']:.3f} | {r['ps']:.3f} | {r['ns']:.3f} | {r['s']:.3f} | {sec} |")
+        print(f"| {name} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['S']:.3f} | {sec} |")
     for m in args.methods:
         t = results["methods"][m]["training"]
         print(f"{m}: {t['steps']} steps, {t['seconds']:.0f} s wall, {t['cpu_seconds']:.0f} "

@@ -5,17 +5,18 @@
 
 A method may carry hyperparameter overrides after a colon (``name:key=value,...``).
 
-Each record is edited independently (apply, measure, revert). Success compares the mean
-per-token log-probability of " " + target (CounterFact convention): ES = P(new) > P(true) on
-the rewrite prompt, PS = the same on the paraphrase prompts (held-out templates), NS =
-P(true) > P(new) on neighbourhood prompts (other subjects with the same true object).
+Each record is edited independently (``editkit.eval.edit_quality``: apply, measure, revert).
+Success compares the mean per-token log-probability of " " + target (CounterFact
+convention, ``editkit.eval.counterfact_metrics``): ES = P(new) > P(true) on the rewrite
+prompt, PS = the same on the paraphrase prompts (held-out templates), NS = P(true) > P(new)
+on every neighbourhood prompt (other subjects with the same true object); S = their harmonic
+mean (``editkit.eval.harmonic_mean``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 import warnings
 
@@ -23,21 +24,7 @@ import torch
 
 import editkit
 from editkit import EditRequest
-from editkit.tokens import score_targets
-
-
-def success(model, tok, prompts, first, second) -> float:
-    a = score_targets(model, tok, prompts, [first] * len(prompts))
-    b = score_targets(model, tok, prompts, [second] * len(prompts))
-    return (a > b).float().mean().item()
-
-
-def record_scores(model, tok, rec) -> tuple[float, float, float]:
-    rw = rec["requested_rewrite"]
-    new, true = rw["target_new"]["str"], rw["target_true"]["str"]
-    return (success(model, tok, [rw["prompt"].format(rw["subject"])], new, true),
-            success(model, tok, rec["paraphrase_prompts"], new, true),
-            success(model, tok, rec["neighborhood_prompts"], true, new))
+from editkit.eval import edit_quality
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -49,7 +36,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def evaluate(spec, model, tok, records):
+def evaluate(spec, model, tok, requests):
     method, overrides = parse_method(spec)
     cls = editkit.get_method(method)
     with warnings.catch_warnings():
@@ -60,18 +47,12 @@ def evaluate(spec, model, tok, records):
     t = time.perf_counter()
     editor.prepare()
     prep = time.perf_counter() - t
-    es, ps, ns, secs = [], [], [], []
-    for rec in records:
-        t = time.perf_counter()
-        editor.apply(EditRequest.from_counterfact(rec))
-        secs.append(time.perf_counter() - t)
-        e, p, n = record_scores(model, tok, rec)
-        es.append(e)
-        ps.append(p)
-        ns.append(n)
-        editor.revert()
-    return {"ES": statistics.mean(es), "PS": statistics.mean(ps), "NS": statistics.mean(ns),
-            "s/edit": statistics.mean(secs), "prepare_s": prep, "hparams": editor.hparams}
+    return {**edit_quality(editor, requests), "prepare_s": prep, "hparams": editor.hparams}
+
+
+def row(name: str, q: dict) -> str:
+    cells = "  ".join(f"{k} {q[k]:.3f}" for k in ("ES", "PS", "NS", "S"))
+    return f"{name:>10}: {cells}"
 
 
 def main() -> None:
@@ -86,16 +67,14 @@ def main() -> None:
     from editkit.testbed import FactWorld, load_fact_world
 
     model, tok = load_fact_world(train_if_missing=False)
-    records = FactWorld().records(n=args.n, seed=args.seed)
-    print(f"fact world: {len(records)} records (seed {args.seed}), independent edits")
-    es, ps, ns = zip(*(record_scores(model, tok, r) for r in records), strict=True)
-    print(f"{'unedited':>10}: ES {statistics.mean(es):.3f}  PS {statistics.mean(ps):.3f}  "
-          f"NS {statistics.mean(ns):.3f}")
+    requests = [EditRequest.from_counterfact(r)
+                for r in FactWorld().records(n=args.n, seed=args.seed)]
+    print(f"fact world: {len(requests)} records (seed {args.seed}), independent edits")
+    print(row("unedited", edit_quality((model, tok), requests)))
     for method in args.methods:
-        r = evaluate(method, model, tok, records)
-        s = statistics.harmonic_mean([r["ES"], r["PS"], r["NS"]])
-        print(f"{method:>10}: ES {r['ES']:.3f}  PS {r['PS']:.3f}  NS {r['NS']:.3f}  S {s:.3f}  "
-              f"({r['s/edit']:.2f} s/edit, prepare {r['prepare_s']:.1f} s)")
+        r = evaluate(method, model, tok, requests)
+        print(f"{row(method, r)}  ({r['seconds_per_edit']:.2f} s/edit, prepare "
+              f"{r['prepare_s']:.1f} s)")
         print(f"{'':>12}hparams: {r['hparams'].to_dict()}")
 
 

@@ -21,16 +21,18 @@ import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, overload
 
 import torch
 from torch import nn
 
 from editkit.errors import EditFailedError, EditkitError, HistoryError, TokenizerError
 from editkit.hparams import HyperParams
-from editkit.patch import Patch, parameter_fingerprints
+from editkit.patch import Delta, Patch
+from editkit.protocols import AdapterLike, TokenizerLike
 from editkit.registry import get_adapter
 from editkit.requests import EditRequest, as_request_list
 
@@ -41,7 +43,12 @@ _edit_ids = itertools.count(1)
 
 @dataclass
 class AppliedEdit:
-    """One entry of the history: a patch applied to the model, and why."""
+    """One entry of the history: a patch applied to the model, and why.
+
+    ``id`` identifies it for :meth:`Editor.revert`; ``patch`` is the applied :class:`Patch`
+    (save it, export it, apply it elsewhere); ``requests`` the edit requests it performs;
+    ``seconds`` the time ``compute_update`` took.
+    """
 
     id: int
     method: str
@@ -77,6 +84,7 @@ class EditHistory:
     @torch.no_grad()
     def push(self, model: nn.Module, patch: Patch, method: str, requests: list[EditRequest],
              seconds: float) -> AppliedEdit:
+        """Apply ``patch`` to ``model`` (saving the originals it touches first) and record it."""
         params = dict(model.named_parameters())
         for name in patch.deltas:
             if name not in self.originals:
@@ -87,6 +95,7 @@ class EditHistory:
         return edit
 
     def find(self, edit_id: int) -> AppliedEdit:
+        """The applied edit with id ``edit_id``; :class:`HistoryError` if there is none."""
         for e in self.edits:
             if e.id == edit_id:
                 return e
@@ -123,14 +132,22 @@ class EditHistory:
 
 
 class Editor(ABC):
-    """Abstract model editor. See the module docstring for what a subclass provides."""
+    """Abstract model editor. See the module docstring for what a subclass provides.
+
+    ``Editor(model, tokenizer=None, hparams=None, adapter=None)``: the tokenizer defaults
+    to ``AutoTokenizer.from_pretrained(model.config.name_or_path)``, the adapter to the
+    registered one of ``model.config.model_type``, the hyperparameters to the method's
+    defaults for this model. Edit with :meth:`apply` (transactional) and undo with
+    :meth:`revert` (exact), or temporarily with ``with editor.applied(request) as edit:``.
+    """
 
     hparams_class: ClassVar[type[HyperParams]] = HyperParams
     name: ClassVar[str] = "editor"
     sequential: ClassVar[bool] = True
 
-    def __init__(self, model: nn.Module, tokenizer=None, hparams: HyperParams | None = None,
-                 adapter=None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: TokenizerLike | None = None,
+                 hparams: HyperParams | None = None, adapter: AdapterLike | None = None
+                 ) -> None:
         self.model = model
         self.adapter = adapter if adapter is not None else get_adapter(model)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(model)
@@ -177,6 +194,11 @@ class Editor(ABC):
 
     # --------------------------------------------------------------- public
     def prepare(self) -> Editor:
+        """Do the one-time work of this editor (statistics, templates, hypernetwork) now.
+
+        ``apply`` calls it when needed; call it yourself to keep that cost out of the first
+        edit's timing. Returns the editor.
+        """
         if not self._prepared:
             self._prepare()
             self._prepared = True
@@ -184,22 +206,33 @@ class Editor(ABC):
 
     @property
     def history(self) -> list[AppliedEdit]:
+        """The edits applied to this model (by any editor of it), oldest first."""
         return list(EditHistory.of(self.model).edits)
 
-    def _new_patch(self, deltas: dict, requests: list[EditRequest], **extra: Any) -> Patch:
-        """A patch stamped with method, hparams, requests and the base fingerprint."""
-        from editkit._version import __version__
+    @property
+    def last_edit(self) -> AppliedEdit:
+        """The most recent edit applied to this model; ``last_edit.patch`` is its patch.
 
-        meta = {
-            "method": self.name,
-            "hparams": self.hparams.to_dict(),
-            "requests": [r.to_dict() for r in requests],
-            "editkit_version": __version__,
-            "model_type": getattr(self.model.config, "model_type", None),
-            "base_fingerprint": parameter_fingerprints(self.model, deltas),
-            **extra,
-        }
-        return Patch(deltas, meta)
+        Raises :class:`HistoryError` when no edit is applied.
+        """
+        edits = EditHistory.of(self.model).edits
+        if not edits:
+            raise HistoryError("no edit is applied to this model; call editor.apply(request) "
+                               "first")
+        return edits[-1]
+
+    def make_patch(self, deltas: dict[str, Delta], requests: Sequence[EditRequest],
+                   **metadata: Any) -> Patch:
+        """The patch of ``deltas``, stamped with this editor's method, hyperparameters,
+        ``requests`` and the fingerprint of the base weights (what a method's
+        ``compute_update`` returns; see :meth:`Patch.for_edit`). ``metadata`` adds entries.
+        """
+        return Patch.for_edit(self.model, deltas, method=self.name, hparams=self.hparams,
+                              requests=requests, **metadata)
+
+    def _new_patch(self, deltas: dict, requests: list[EditRequest], **extra: Any) -> Patch:
+        # The name the built-in methods used before make_patch was public.
+        return self.make_patch(deltas, requests, **extra)
 
     def apply(self, requests: EditRequest | Sequence[EditRequest]) -> Editor:
         """Edit the model; on any failure every parameter is left bit-for-bit unchanged.
@@ -239,6 +272,37 @@ class Editor(ABC):
                 "left unchanged"
             ) from exc
         return self
+
+    @overload
+    def applied(self, requests: EditRequest) -> AbstractContextManager[AppliedEdit]: ...
+
+    @overload
+    def applied(self, requests: Sequence[EditRequest]
+                ) -> AbstractContextManager[list[AppliedEdit]]: ...
+
+    @contextmanager
+    def applied(self, requests: EditRequest | Sequence[EditRequest]) -> Iterator[Any]:
+        """Apply ``requests`` for the duration of a ``with`` block, then revert exactly them.
+
+        ``with editor.applied(request) as edit:`` yields the :class:`AppliedEdit` of one
+        request; a sequence of requests yields the list of history entries it added (one per
+        request for sequential methods, one for a batch method). On leaving the block, also
+        by an exception, those entries are reverted and nothing else, so blocks nest and
+        edits applied before the block stay; the touched weights are bit-for-bit as before
+        the block when no other edit was added or removed inside it. If applying fails,
+        the model is unchanged and the error propagates before the block runs.
+        """
+        history = EditHistory.of(self.model)
+        n_before = len(history.edits)
+        self.apply(requests)
+        added = history.edits[n_before:]
+        try:
+            yield added[0] if isinstance(requests, EditRequest) else list(added)
+        finally:
+            still = {e.id for e in history.edits}
+            ids = [e.id for e in added if e.id in still]  # the block may have reverted some
+            if ids:
+                history.remove(self.model, ids)
 
     @torch.no_grad()
     def _rollback(self, history: EditHistory, n_before: int, snapshot: dict) -> None:

@@ -49,18 +49,51 @@ def parameter_fingerprints(model: nn.Module, names: Iterable[str]) -> dict[str, 
 
 @dataclass
 class Patch:
-    """Named weight deltas plus the metadata needed to reapply, audit and revert them."""
+    """Named weight deltas plus the metadata needed to reapply, audit and revert them.
+
+    Build one with :meth:`for_edit` (or ``editor.make_patch`` inside a method); read one
+    with :func:`load_patch`.
+    """
 
     deltas: dict[str, Delta]
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def for_edit(cls, model: nn.Module, deltas: dict[str, Delta], *, method: str,
+                 hparams: Any = None, requests: Iterable[Any] = (), **metadata: Any) -> Patch:
+        """The public constructor of an edit's patch, for methods and plugins.
+
+        ``deltas`` maps parameter names of ``model`` to :class:`LowRank` / :class:`Dense`
+        deltas in the parameter's layout (``adapter.lowrank_delta`` / ``dense_delta`` build
+        them). The metadata records ``method``, ``hparams`` (a ``HyperParams`` or a dict),
+        ``requests`` (``EditRequest``\\ s), the editkit version, the model type and the
+        fingerprint of the touched parameters as they are now (so that applying the patch
+        to other weights is refused); ``metadata`` adds entries.
+        """
+        from editkit import __version__
+
+        if hparams is not None and not isinstance(hparams, dict):
+            hparams = hparams.to_dict()
+        meta = {
+            "method": method,
+            "hparams": hparams,
+            "requests": [r.to_dict() if hasattr(r, "to_dict") else r for r in requests],
+            "editkit_version": __version__,
+            "model_type": getattr(getattr(model, "config", None), "model_type", None),
+            "base_fingerprint": parameter_fingerprints(model, deltas),
+            **metadata,
+        }
+        return cls(dict(deltas), meta)
+
     # --------------------------------------------------------------- checks
     @property
     def names(self) -> list[str]:
+        """Names of the parameters this patch changes."""
         return list(self.deltas)
 
     @property
     def base_fingerprint(self) -> dict[str, str]:
+        """Parameter name → content hash of the base weights the patch was computed on."""
         return dict(self.metadata.get("base_fingerprint", {}))
 
     def stamp_base(self, model: nn.Module) -> Patch:
@@ -69,6 +102,7 @@ class Patch:
         return self
 
     def check_finite(self) -> None:
+        """Raise :class:`EditFailedError` if any delta holds NaN or inf."""
         for name, delta in self.deltas.items():
             for part, t in delta.tensors().items():
                 if not torch.isfinite(t).all():
@@ -149,6 +183,7 @@ class Patch:
         return path
 
     def to_dict_summary(self) -> dict[str, Any]:
+        """A JSON-able overview: per parameter, the delta kind and shape."""
         return {
             name: {"kind": type(d).__name__, "shape": list(d.shape)}
             for name, d in self.deltas.items()

@@ -75,6 +75,7 @@ class EditRequest:
         return self.prompt.replace(PLACEHOLDER, self.subject)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; :meth:`from_dict` reads it back."""
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["neighborhood"] = list(self.neighborhood)
@@ -82,6 +83,7 @@ class EditRequest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EditRequest:
+        """Inverse of :meth:`to_dict` (unknown keys are an error)."""
         known = {"prompt", "subject", "target_new", "target_true", "paraphrases",
                  "neighborhood", "case_id"}
         unknown = set(data) - known
@@ -115,12 +117,18 @@ class EditRequest:
             ) from exc
 
     @classmethod
-    def from_zsre(cls, record: Mapping[str, Any]) -> EditRequest:
+    def from_zsre(cls, record: Mapping[str, Any], target: str = "alt") -> EditRequest:
         """Parse a zsRE record of the MEND/ROME format (``src``, ``subject``, ``alt``, ...).
 
         The question ``src`` must contain ``subject``; its first occurrence becomes ``{}``.
+        ``target="alt"`` (MEND) edits towards ``alt`` with ``answers[0]`` as the true answer
+        (none when they are equal: nothing to contrast); ``target="answer"`` (the ROME
+        release's zsRE run) edits towards ``answers[0]`` with no true answer. ``rephrase``
+        is the paraphrase and the unrelated question ``loc`` the neighbourhood prompt.
         """
         rid = record.get("case_id", "?") if isinstance(record, Mapping) else "?"
+        if target not in ("alt", "answer"):
+            raise DatasetFormatError(f"zsRE target={target!r}; use 'alt' or 'answer'")
         try:
             src, subject = record["src"], record["subject"]
             answers = record.get("answers") or [None]
@@ -128,12 +136,15 @@ class EditRequest:
                 raise DatasetFormatError(
                     f"zsRE record {rid}: subject {subject!r} does not occur in src {src!r}"
                 )
+            new, true = (record["alt"], answers[0]) if target == "alt" else (answers[0], None)
+            if isinstance(true, str) and isinstance(new, str) and true.strip() == new.strip():
+                true = None
             rephrase = record.get("rephrase")
             return cls(
                 prompt=src.replace(subject, PLACEHOLDER, 1),
                 subject=subject,
-                target_new=record["alt"],
-                target_true=answers[0],
+                target_new=new,
+                target_true=true,
                 paraphrases=(rephrase,) if rephrase else (),
                 neighborhood=(record["loc"],) if record.get("loc") else (),
                 case_id=record.get("case_id"),

@@ -53,7 +53,8 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from editkit.errors import StatsError
+from editkit.errors import DatasetFormatError, StatsError
+from editkit.jsonio import iter_jsonl
 from editkit.nethooks import Trace
 from editkit.registry import TEXT_SOURCES, get_adapter
 from editkit.tokens import pad_id, right_pad
@@ -133,18 +134,12 @@ def _read_txt(path: Path) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise StatsError(
-                    f"{str(path)!r} line {i} is not JSON ({exc}); a .jsonl text source needs "
-                    "one JSON object with a 'text' field per line"
-                ) from exc
+    try:
+        for obj in iter_jsonl(path, hint="a .jsonl text source needs one JSON object with a "
+                                         "'text' field per line"):
             yield _as_text(obj)
+    except DatasetFormatError as exc:  # a corpus is not a dataset: keep the statistics' error
+        raise StatsError(str(exc)) from exc
 
 
 def _pydoc_texts() -> list[str]:

@@ -91,25 +91,26 @@ def _sweep(args, model, tok) -> None:
     plots.plot_layer_sweep(sweep, out / name)
     print(f"ROME sweep over {sweep.n_records} facts in {time.perf_counter() - t0:.0f}s")
     for i, lay in enumerate(sweep.layers):
-        print(f"  layer {lay:2d}: ES {sweep.efficacy[i]:.3f}  PS {sweep.paraphrase[i]:.3f}  "
-              f"NS {sweep.specificity[i]:.3f}  score {sweep.score[i]:.3f}")
+        print(f"  layer {lay:2d}: ES {sweep.ES[i]:.3f}  PS {sweep.PS[i]:.3f}  "
+              f"NS {sweep.NS[i]:.3f}  S {sweep.S[i]:.3f}")
     print(f"best layer {sweep.best_layer}; correlation with the traced curve: "
           f"{sweep.correlation_score}")
 
 
 def _edit_scores(editor_cls, hp, model, tok, records) -> dict[str, float]:
-    """Independent edits (apply, score, revert) with one editor; mean ES/PS/NS and s/edit."""
-    from editkit.tracing.layers import edit_success
+    """Independent edits (apply, score, revert) with one editor; mean ES, EM, PS, NS
+    (editkit.eval.edit_success) and s/edit."""
+    from editkit.eval import edit_success
 
     editor = editor_cls(model, tok, hp)
     editor.prepare()
     rows, t0 = [], time.perf_counter()
     for rec in records:
         req = EditRequest.from_counterfact(rec)
-        editor.apply(req)
-        rows.append(edit_success(model, tok, req))
-        editor.revert()
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        with editor.applied(req):
+            rows.append(edit_success(model, tok, req))
+    out = {k: float(np.mean([r[k] for r in rows if r[k] is not None]))
+           for k in ("ES", "EM", "PS", "NS")}
     out["seconds_per_edit"] = (time.perf_counter() - t0) / len(records)
     return out
 

@@ -28,17 +28,25 @@ from editkit.eval import (
     UnknownMetricError,
     aggregate,
     compare,
+    counterfact_metrics,
+    edit_quality,
+    edit_success,
     evaluate,
     generate,
     get_metric,
+    harmonic_mean,
     list_metrics,
     load_counterfact,
     load_dataset,
+    load_requests,
     load_zsre,
     mean_ci,
     ngram_entropy,
     plot_retention,
+    read_json_records,
+    request_logprobs,
     score_records,
+    select_neighborhood,
     text_entropy,
     tfidf_cosine,
 )
@@ -218,6 +226,94 @@ def test_counterfact_metric_definitions():
     assert value["NS"] == pytest.approx(2 / 3)
     assert value["NM"] == pytest.approx(((0.7 - 0.1) + (0.2 - 0.3) + (0.5 - 0.05)) / 3)
     assert get_metric("PS").compute(RecordScores(logprobs={"paraphrase": []}), ctx) is None
+
+
+def test_counterfact_metrics_is_the_one_pure_definition():
+    lp = math.log
+    table = {"rewrite": [[lp(0.6), lp(0.3)]],
+             "paraphrase": [[lp(0.5), lp(0.1)], [lp(0.2), lp(0.4)]],
+             "neighborhood": [[lp(0.1), lp(0.7)], [lp(0.3), lp(0.2)], [lp(0.05), lp(0.5)]]}
+    out = counterfact_metrics(table)
+    assert out == pytest.approx({"ES": 1.0, "EM": 0.3, "PS": 0.5, "PM": 0.1,
+                                 "NS": 2 / 3, "NM": (0.6 - 0.1 + 0.45) / 3})
+    # the registered metrics are this function, value for value
+    scores = RecordScores(logprobs=table)
+    for name, value in out.items():
+        assert get_metric(name).compute(scores, MetricContext(None)) == value
+    # a tie is no success; an empty group is None, not 0
+    tie = counterfact_metrics({"rewrite": [[-1.0, -1.0]], "neighborhood": [[-1.0, -1.0]]})
+    assert tie["ES"] == 0.0 and tie["NS"] == 0.0 and tie["EM"] == 0.0
+    assert tie["PS"] is None and tie["PM"] is None
+
+
+def test_neighbourhood_rule_all_unless_the_caller_asks_for_fewer():
+    prompts = [f"p{i}" for i in range(12)]
+    assert select_neighborhood(prompts) == prompts
+    assert select_neighborhood(prompts, 5) == prompts[:5]
+    assert select_neighborhood(prompts, 50) == prompts
+    with pytest.raises(ValueError, match="n_neighbors"):
+        select_neighborhood(prompts, -1)
+    rows = [[-1.0, -2.0]] * 2 + [[-2.0, -1.0]] * 2   # first two flip, last two keep P(true)
+    assert counterfact_metrics({"neighborhood": rows})["NS"] == 0.5
+    assert counterfact_metrics({"neighborhood": rows}, n_neighbors=2)["NS"] == 0.0
+
+
+def test_harmonic_mean_rule_for_missing_and_non_positive_values():
+    assert harmonic_mean([0.5, 1.0, 1.0]) == pytest.approx(3 / (2 + 1 + 1))
+    assert harmonic_mean([0.5, None, float("nan")]) == 0.5     # missing groups left out
+    assert harmonic_mean([0.9, 0.0, 1.0]) == 0.0                # a zero rate zeroes S
+    assert harmonic_mean([0.9, -0.2]) == 0.0
+    assert math.isnan(harmonic_mean([None, float("nan")]))
+    assert math.isnan(harmonic_mean([]))
+
+
+def test_edit_success_scores_every_prompt_of_a_request(gpt2_and_tok):
+    model, tok = gpt2_and_tok
+    rec = load_counterfact(CF)[0].request
+    table = request_logprobs(model, tok, rec)
+    assert [len(table[g]) for g in ("rewrite", "paraphrase", "neighborhood")] == \
+        [1, len(rec.paraphrases), len(rec.neighborhood)]
+    want = score_targets(model, tok, [rec.neighborhood[-1]] * 2,
+                         [rec.target_new, rec.target_true])
+    assert table["neighborhood"][-1] == pytest.approx(want.tolist(), abs=1e-5)
+    assert edit_success(model, tok, rec) == counterfact_metrics(table)
+    assert len(request_logprobs(model, tok, rec, n_neighbors=1)["neighborhood"]) == 1
+    unedited = edit_quality((model, tok), [rec])
+    assert unedited["n"] == 1 and unedited["seconds_per_edit"] is None
+    assert unedited["ES"] == counterfact_metrics(table)["ES"]
+
+
+def test_jsonl_reader_errors_are_typed_and_line_numbered(tmp_path):
+    good = json.dumps({"text": "a"})
+    path = tmp_path / "r.jsonl"
+    path.write_text(f"{good}\n\n{good}\n{{broken\n{good}\n")
+    with pytest.raises(DatasetFormatError, match=r"r\.jsonl:4: invalid JSON"):
+        read_json_records(path)
+    path.write_text(f"{good}\n\n{good}\n")
+    assert read_json_records(path) == [{"text": "a"}] * 2
+    doc = tmp_path / "r.json"
+    doc.write_text('[\n {"a": 1},\n {"a": 2,}\n]')
+    with pytest.raises(DatasetFormatError, match=r"r\.json:3: invalid JSON .*\.jsonl"):
+        read_json_records(doc)
+    doc.write_text('"just a string"')
+    with pytest.raises(DatasetFormatError, match="expected a JSON list"):
+        read_json_records(doc)
+    with pytest.raises(DatasetUnavailableError, match="no file"):
+        read_json_records(tmp_path / "absent.jsonl")
+    idf = tmp_path / "idf.json"                       # the same reader serves every JSON file
+    idf.write_text('{"paris": 1.0,\n "city" 2.0}')
+    with pytest.raises(DatasetFormatError, match=r"idf\.json:2: invalid JSON"):
+        ReferenceTable.from_files(idf, doc)
+
+
+def test_load_requests_reads_records_and_request_dicts(tmp_path):
+    path = tmp_path / "cf.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _raw(CF)))
+    assert [r.case_id for r in load_requests(path)] == [0, 1, 2]
+    req_file = tmp_path / "requests.json"
+    req_file.write_text(json.dumps([r.to_dict() for r in load_requests(path)]))
+    assert load_requests(req_file) == load_requests(path)
+    assert len(load_requests(path, n=2)) == 2
 
 
 def test_zsre_metric_definitions():
@@ -592,3 +688,18 @@ def test_fact_world_ft_edits_and_keeps_neighbours():
     # The trained model knows its facts: before editing the true object wins.
     assert rep.mean("ES", "pre") <= 0.25 and rep.mean("NS", "pre") >= 0.75
     assert rep.mean("ES", "post") >= 0.75
+
+
+def test_layer_sweeps_use_the_metric_names_and_read_earlier_files():
+    from editkit.tracing import SweepResult
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "tracing" / "layer_sweep_rome.json"
+    saved = json.loads(path.read_text())
+    sweep = SweepResult.from_dict(saved)   # written with efficacy / specificity / score
+    assert sweep.ES == saved["efficacy"] and sweep.NS == saved["specificity"]
+    assert sweep.best_layer == saved["best_layer"] and sweep.efficacy is sweep.ES
+    for i in range(len(sweep.layers)):
+        assert sweep.S[i] == pytest.approx(harmonic_mean([sweep.ES[i], sweep.PS[i], sweep.NS[i]]))
+    again = sweep.to_dict()
+    assert {"ES", "EM", "PS", "NS", "S"} <= set(again) and "efficacy" not in again
+    assert SweepResult.from_dict(again) == sweep

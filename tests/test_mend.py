@@ -12,9 +12,9 @@ from conftest import snapshot, state_equal, tiny_model
 import editkit
 from editkit import EditRequest, load_patch
 from editkit.errors import HypernetworkMismatchError, HypernetworkMissingError
+from editkit.eval import counterfact_metrics, load_requests
 from editkit.methods._learned.data import (
     build_examples,
-    load_records,
     make_batch,
     mentions_any,
     split_by_subject,
@@ -156,7 +156,8 @@ def trained(tmp_path_factory, bytelevel_tokenizer):
     cfg = MENDTrainConfig(max_steps=24, batch_size=4, val_every=8, val_size=6, lr=1e-3,
                           checkpoint_every=8, out_dir=str(out), progress=False)
     editor = MEND.train(model, tok, reqs[:24], reqs[24:], cfg,
-                        hparams=MENDHyperParams(layers=[1, 2], rank=8))
+                        hparams=MENDHyperParams(layers=[1, 2], rank=8),
+                        record_metrics=counterfact_metrics)
     return editor, model, tok, out, reqs
 
 
@@ -170,7 +171,8 @@ def test_training_writes_loadable_hypernetwork_log_curves_and_no_pickle(trained)
     assert log["summary"]["steps"] == 24
     vals = [e for e in log["log"] if "val_score" in e]
     assert [e["step"] for e in vals] == [0, 8, 16, 24]
-    assert {"val_es", "val_ps", "val_ns", "val_loc_kl", "val_edit_nll"} <= set(vals[-1])
+    assert {"val_ES", "val_PS", "val_NS", "val_loc_kl", "val_edit_nll"} <= set(vals[-1])
+    assert all(0.0 <= vals[-1][k] <= 1.0 for k in ("val_ES", "val_PS", "val_NS"))
     meta = json.loads((out / "hypernet.json").read_text())
     assert meta["method"] == "mend" and meta["base"]["digest"] == editor.fingerprint()["digest"]
     loaded = MEND.load(out, model, tok)
@@ -349,12 +351,12 @@ def test_split_by_subject_is_disjoint_and_filters_held_out_mentions():
     assert len(batch.edit_rows) == 6 and {i for _, i in batch.edit_rows} == {0, 1, 2}
 
 
-def test_load_records_reads_counterfact_json(tmp_path):
+def test_load_requests_reads_counterfact_json(tmp_path):
     from editkit.testbed import FactWorld
 
     path = tmp_path / "cf.json"
     path.write_text(json.dumps(FactWorld().records(5)))
-    reqs = load_records(path)
+    reqs = load_requests(path)
     assert len(reqs) == 5 and all(r.target_true and r.paraphrases for r in reqs)
 
 
@@ -427,8 +429,8 @@ def test_shipped_fact_world_hypernetwork_fits_the_shipped_fact_world():
 @pytest.mark.slow
 def test_mend_learns_to_edit_the_fact_world():
     """A short training run turns an identity-initialised MEND into a working editor."""
+    from editkit.eval import edit_quality
     from editkit.methods._learned.data import as_requests
-    from editkit.methods._learned.quality import edit_quality
     from editkit.testbed import FactWorld, load_fact_world
 
     model, tok = load_fact_world()
@@ -441,5 +443,5 @@ def test_mend_learns_to_edit_the_fact_world():
                           progress=False)
     editor = MEND.train(model, tok, train, val[:12], cfg, hparams=hp)
     after = edit_quality(editor, train[:20], n_neighbors=5)
-    assert before["es"] < 0.5
-    assert after["es"] >= 0.8 and after["ps"] >= 0.7 and after["ns"] >= 0.7, after
+    assert before["ES"] < 0.5
+    assert after["ES"] >= 0.8 and after["PS"] >= 0.7 and after["NS"] >= 0.7, after

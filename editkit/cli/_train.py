@@ -21,9 +21,9 @@ import torch
 
 from editkit.cli.common import FACT_WORLD_NAMES, load_model
 from editkit.errors import EditkitError, InvalidHyperParamsError
-from editkit.methods._learned.data import load_records, split_by_subject, subjects_of
+from editkit.eval import counterfact_metrics, edit_quality, load_requests
+from editkit.methods._learned.data import split_by_subject, subjects_of
 from editkit.methods._learned.io import write_json
-from editkit.methods._learned.quality import edit_quality
 from editkit.registry import get_method
 from editkit.testbed import FactWorld
 
@@ -95,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     if len(fractions) != 3:
         raise EditkitError(f"--split {args.split!r} must have three fractions (train,val,test)")
     model, tokenizer = load_model(args.model, device=args.device)
-    records = load_records(args.data)
+    records = load_requests(args.data)
     train, val, test = split_by_subject(records, fractions, seed=args.seed)
     config = {**_json_arg(args.config), "out_dir": args.out,
               "resume": not args.no_resume, "seed": args.seed, "progress": not args.quiet}
@@ -122,7 +122,8 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"{method}: {len(train)} train / {len(val)} validation / {len(test)} test records "
           f"(split by subject)")
     editor = cls.train(model, tokenizer, train, val, config, hparams=hparams,
-                       locality_texts=locality, exclude_subjects=subjects_of(test))
+                       locality_texts=locality, exclude_subjects=subjects_of(test),
+                       record_metrics=counterfact_metrics)
     summary = editor.training_summary or {}
     print(f"trained {summary.get('steps')} steps in {summary.get('seconds')} s "
           f"(stopped: {summary.get('stop_reason')}; best step {summary.get('best_step')})")
@@ -136,6 +137,6 @@ def run_train(args: argparse.Namespace) -> int:
         print("  | model     | ES    | PS    | NS    | S     |")
         for name, row in (("unedited", base), (method, scored)):
             cells = " | ".join("  -  " if row[k] is None else f"{row[k]:.3f}"
-                               for k in ("es", "ps", "ns", "s"))
+                               for k in ("ES", "PS", "NS", "S"))
             print(f"  | {name:<9} | {cells} |")
     return 0

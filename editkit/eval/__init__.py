@@ -6,6 +6,12 @@
     print(report.to_markdown())
     report.to_json("results/results.json")
 
+One implementation of each CounterFact number: :func:`counterfact_metrics` maps per-prompt
+log-probabilities to ES / PS / NS / EM / PM / NM, :func:`harmonic_mean` gives S, and
+:func:`select_neighborhood` is the neighbourhood rule (all prompts unless the caller asks
+for fewer); :func:`edit_success` / :func:`edit_quality` score requests and editors with
+them. :func:`read_json_records` (from :mod:`editkit.jsonio`) reads every record file.
+
 See docs/evaluation.md for the metric definitions and protocols.
 """
 
@@ -17,6 +23,7 @@ from editkit.eval.datasets import (
     detect_kind,
     load_counterfact,
     load_dataset,
+    load_requests,
     load_zsre,
     parse_counterfact,
     parse_records,
@@ -30,26 +37,33 @@ from editkit.eval.metrics import (
     RecordScores,
     ReferenceTable,
     aggregate,
+    counterfact_metrics,
     default_metrics,
     generation_entropy,
     get_metric,
+    harmonic_mean,
     list_metrics,
     mean_ci,
     ngram_entropy,
+    select_neighborhood,
     text_entropy,
     tfidf_cosine,
 )
 from editkit.eval.plots import plot_retention
+from editkit.eval.quality import edit_quality, edit_success, request_logprobs
 from editkit.eval.report import Report, compare
 from editkit.eval.runner import PROTOCOLS, default_checkpoints, evaluate
 from editkit.eval.scoring import score_records, score_rows
+from editkit.jsonio import iter_jsonl, read_json_records
 
 __all__ = [
     "METRICS", "PROTOCOLS", "DatasetFormatError", "DatasetUnavailableError", "EvalRecord",
     "GenerationConfig", "Metric", "MetricContext", "RecordScores", "ReferenceTable", "Report",
-    "UnknownMetricError", "aggregate", "compare", "default_checkpoints", "default_metrics",
-    "detect_kind", "evaluate", "generate", "generation_entropy", "get_metric", "list_metrics",
-    "load_counterfact", "load_dataset", "load_zsre", "mean_ci", "ngram_entropy",
-    "parse_counterfact", "parse_records", "parse_zsre", "plot_retention", "score_records",
-    "score_rows", "text_entropy", "tfidf_cosine",
+    "UnknownMetricError", "aggregate", "compare", "counterfact_metrics", "default_checkpoints",
+    "default_metrics", "detect_kind", "edit_quality", "edit_success", "evaluate", "generate",
+    "generation_entropy", "get_metric", "harmonic_mean", "iter_jsonl", "list_metrics",
+    "load_counterfact", "load_dataset", "load_requests", "load_zsre", "mean_ci",
+    "ngram_entropy", "parse_counterfact", "parse_records", "parse_zsre", "plot_retention",
+    "read_json_records", "request_logprobs", "score_records", "score_rows",
+    "select_neighborhood", "text_entropy", "tfidf_cosine",
 ]

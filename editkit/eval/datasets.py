@@ -23,13 +23,14 @@ list of dicts, ``"factworld"`` (the offline fact world's CounterFact-shaped reco
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from editkit import jsonio
 from editkit.errors import DatasetFormatError, DatasetUnavailableError, InvalidRequestError
 from editkit.requests import PLACEHOLDER, EditRequest
 
@@ -62,24 +63,29 @@ class EvalRecord:
     # CounterFact groups ------------------------------------------------------------
     @property
     def rewrite_prompts(self) -> list[str]:
+        """The rewrite prompt (the request's text) as a one-element list."""
         return [self.request.text]
 
     @property
     def paraphrase_prompts(self) -> list[str]:
+        """Paraphrases of the rewrite prompt (PS)."""
         return list(self.request.paraphrases)
 
     @property
     def neighborhood_prompts(self) -> list[str]:
+        """Prompts whose answer must not change (NS; zsRE: the ``loc`` question)."""
         if self.kind == "zsre":
             return [self.loc_prompt] if self.loc_prompt else []
         return list(self.request.neighborhood)
 
     @property
     def attribute_prompts(self) -> list[str]:
+        """CounterFact prompts about other subjects that have the new object."""
         return list(self.raw.get("attribute_prompts", ()) or ())
 
     @property
     def generation_prompts(self) -> list[str]:
+        """CounterFact prompts for generated text (GE, RS)."""
         return list(self.raw.get("generation_prompts", ()) or ())
 
     # zsRE locality ----------------------------------------------------------------
@@ -94,6 +100,7 @@ class EvalRecord:
 
     @property
     def loc_ans(self) -> str | None:
+        """The zsRE locality answer (``None`` for CounterFact)."""
         return self.raw.get("loc_ans") if self.kind == "zsre" else None
 
     def prompts(self, group: str) -> list[str]:
@@ -107,6 +114,7 @@ class EvalRecord:
             ) from None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (kind, index, case_id and the request; not the raw record)."""
         return {"kind": self.kind, "index": self.index, "case_id": self.case_id,
                 "request": self.request.to_dict()}
 
@@ -207,27 +215,24 @@ def parse_zsre(record: Any, index: int = 0, target: str = "alt") -> EvalRecord:
         )
     if PLACEHOLDER in src:
         raise DatasetFormatError(f"{where}: field 'src' contains '{{}}' ({src!r}); remove it")
-    alt = _string(record, "alt", where)
+    _string(record, "alt", where)
     answers = _strings(record, "answers", where, required=True)
     if not answers:
         raise DatasetFormatError(f"{where}: field 'answers' is empty; give at least one answer")
-    rephrase = _string(record, "rephrase", where)
+    _string(record, "rephrase", where)
     _string(record, "loc", where)
     _string(record, "loc_ans", where)
     case_id = record.get("case_id", index)
     if not isinstance(case_id, (int, str)) or isinstance(case_id, bool):
         raise DatasetFormatError(f"{where}: field 'case_id' must be an int or string, "
                                  f"got {case_id!r}")
-    new, true = (alt, answers[0]) if target == "alt" else (answers[0], None)
-    if true is not None and true.strip() == new.strip():
-        true = None  # alt equal to the answer: nothing to contrast it with
     try:
-        request = EditRequest(
-            prompt=src.replace(subject, PLACEHOLDER, 1), subject=subject, target_new=new,
-            target_true=true, paraphrases=(rephrase,), case_id=case_id,
-        )
-    except InvalidRequestError as exc:
+        request = EditRequest.from_zsre({**record, "case_id": case_id}, target=target)
+    except (InvalidRequestError, DatasetFormatError) as exc:
         raise DatasetFormatError(f"{where}: {exc}") from exc
+    # The evaluation scores ``loc`` by token accuracy against ``loc_ans`` (EvalRecord.loc_prompt),
+    # not as a CounterFact neighbour of the edit, so the request does not carry it.
+    request = dataclasses.replace(request, neighborhood=())
     return EvalRecord("zsre", index, case_id, request, record)
 
 
@@ -273,34 +278,11 @@ def parse_records(records: Iterable[Any], kind: str = "auto", n: int | None = No
 
 # ---------------------------------------------------------------------- sources
 def read_json_records(path: str | Path) -> list[Any]:
-    """Records of a ``.json`` file (a list) or a ``.jsonl`` file (one object per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetUnavailableError(f"dataset file {str(path)!r} does not exist; {_LOCAL_HINT}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DatasetFormatError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from exc
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(
-            f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); for one record per line "
-            "name the file .jsonl"
-        ) from exc
-    if isinstance(data, Mapping):  # a single record
-        data = [data]
-    if not isinstance(data, list):
-        raise DatasetFormatError(f"{path}: expected a JSON list of records, got "
-                                 f"{type(data).__name__}")
-    return data
+    """Records of a ``.json`` file (a list) or a ``.jsonl`` file (one object per line).
+
+    :func:`editkit.jsonio.read_json_records` with the evaluation's hint on a missing file.
+    """
+    return jsonio.read_json_records(path, hint=_LOCAL_HINT)
 
 
 def hub_records(name: str, split: str | None = None) -> list[Any]:
@@ -369,3 +351,22 @@ def load_zsre(source: str | Path | Sequence[Any], n: int | None = None,
               target: str = "alt", **kwargs: Any) -> list[EvalRecord]:
     """zsRE records (MEND/ROME format) from a file, ``"hub:<name>"`` or a list."""
     return load_dataset(source, "zsre", n, zsre_target=target, **kwargs)
+
+
+def load_requests(source: str | Path | Sequence[Any], n: int | None = None,
+                  **kwargs: Any) -> list[EditRequest]:
+    """Edit requests from any :func:`load_dataset` source, or from a file of
+    ``EditRequest.to_dict()`` objects (``prompt``, ``subject``, ``target_new``, ...).
+
+    CounterFact and zsRE records are validated as :func:`load_dataset` does; ``"factworld"``
+    without ``n`` gives every fact-world record in ``case_id`` order.
+    """
+    raw: Any = source
+    if isinstance(source, (str, Path)) and Path(str(source)).expanduser().suffix in (".json",
+                                                                                       ".jsonl"):
+        raw = read_json_records(Path(str(source)).expanduser())
+    if (isinstance(raw, Sequence) and not isinstance(raw, str) and raw
+            and all(isinstance(r, Mapping) and "prompt" in r and "subject" in r for r in raw)):
+        return [EditRequest.from_dict(r) for r in raw[:n]]
+    return [r.request for r in load_dataset(raw, n=n, **kwargs)]
+

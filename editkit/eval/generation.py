@@ -38,6 +38,7 @@ class GenerationConfig:
     batch_size: int = 32
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-able dict (stored in reports)."""
         return asdict(self)
 
 

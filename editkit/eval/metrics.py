@@ -41,7 +41,6 @@ interval (1000 resamples of the records, fixed seed).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from editkit.errors import DatasetFormatError, UnknownMetricError
+from editkit.jsonio import read_json
 from editkit.registry import Registry
 
 # --------------------------------------------------------------------- raw scores
@@ -74,6 +74,7 @@ class RecordScores:
     generations: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (only the measurements that were taken)."""
         d: dict[str, Any] = {}
         if self.logprobs:
             d["logprobs"] = self.logprobs
@@ -88,6 +89,7 @@ class RecordScores:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RecordScores:
+        """Inverse of :meth:`to_dict`."""
         return cls(
             logprobs={k: [list(map(float, r)) for r in v]
                       for k, v in data.get("logprobs", {}).items()},
@@ -97,6 +99,78 @@ class RecordScores:
                        for k, v in data.get("predicted", {}).items()},
             generations=data.get("generations"),
         )
+
+
+# ------------------------------------------------------- CounterFact, from log-probs
+#: Prompt groups of a CounterFact record and the (success, magnitude) metrics read from each.
+COUNTERFACT_GROUPS: dict[str, tuple[str, str]] = {
+    "rewrite": ("ES", "EM"),
+    "paraphrase": ("PS", "PM"),
+    "neighborhood": ("NS", "NM"),
+}
+
+
+def select_neighborhood(prompts: Sequence[Any], n_neighbors: int | None = None) -> list[Any]:
+    """The neighbourhood rule of every CounterFact number in editkit.
+
+    Every neighbourhood prompt counts (``n_neighbors=None``, the ROME evaluation); a caller
+    that asks for fewer gets the first ``n_neighbors`` in record order. Applied to prompts
+    before scoring and to their log-probability rows by :func:`counterfact_metrics`.
+    """
+    if n_neighbors is None:
+        return list(prompts)
+    if n_neighbors < 0:
+        raise ValueError(f"n_neighbors={n_neighbors} must be >= 0 or None (all prompts)")
+    return list(prompts)[:n_neighbors]
+
+
+def counterfact_metrics(logprobs: Mapping[str, Sequence[Sequence[float]]], *,
+                        n_neighbors: int | None = None) -> dict[str, float | None]:
+    """CounterFact successes and magnitudes of one record from per-prompt log-probabilities.
+
+    ``logprobs[group]`` (``group`` in ``rewrite``, ``paraphrase``, ``neighborhood``) holds,
+    per prompt, ``[lp(new), lp(true)]``: the mean per-token log-probabilities of
+    ``" " + target_new`` and ``" " + target_true`` after the prompt, so that
+    ``P(o | p) = exp(lp)`` (Meng et al. 2022, §3). Returns, per group, the mean over its
+    prompts of
+
+    - success: ``[P(new) > P(true)]`` for rewrite (ES) and paraphrase (PS) prompts,
+      ``[P(true) > P(new)]`` for neighbourhood prompts (NS);
+    - magnitude: ``P(new) − P(true)`` (EM, PM), ``P(true) − P(new)`` (NM).
+
+    A group with no prompts gives ``None``. Neighbourhood rows follow
+    :func:`select_neighborhood` (all unless ``n_neighbors`` is given). Pure: no model, no
+    state; every CounterFact number editkit reports comes from here.
+    """
+    out: dict[str, float | None] = {}
+    for group, (success, magnitude) in COUNTERFACT_GROUPS.items():
+        rows = logprobs.get(group) or []
+        if group == "neighborhood":
+            rows = select_neighborhood(rows, n_neighbors)
+        sign = -1.0 if group == "neighborhood" else 1.0
+        if not rows:
+            out[success] = out[magnitude] = None
+            continue
+        wins = [float(sign * (new - true) > 0) for new, true in rows]
+        gaps = [sign * (math.exp(new) - math.exp(true)) for new, true in rows]
+        out[success] = float(np.mean(wins))
+        out[magnitude] = float(np.mean(gaps))
+    return out
+
+
+def harmonic_mean(values: Sequence[float | None]) -> float:
+    """Harmonic mean of rates in [0, 1], such as S = H(ES, PS, NS).
+
+    The one rule for S everywhere: missing values (``None`` or NaN: a group without
+    prompts) are left out; if any remaining value is ≤ 0 the mean is 0.0 (its limit as a
+    value goes to 0, and a rate below 0 is not a rate); with no value left it is NaN.
+    """
+    present = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not present:
+        return float("nan")
+    if min(present) <= 0:
+        return 0.0
+    return len(present) / sum(1.0 / v for v in present)
 
 
 # ---------------------------------------------------------------- text measures
@@ -176,13 +250,7 @@ class ReferenceTable:
     @classmethod
     def from_files(cls, idf_path: str | Path, references_path: str | Path) -> ReferenceTable:
         """Read a JSON ``{word: idf}`` file and a JSON ``{key: [texts]}`` file."""
-        def read(p: str | Path) -> Any:
-            try:
-                return json.loads(Path(p).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise DatasetFormatError(f"cannot read {str(p)!r}: {exc}; give a JSON file") \
-                    from exc
-        idf, refs = read(idf_path), read(references_path)
+        idf, refs = read_json(idf_path), read_json(references_path)
         if not isinstance(idf, Mapping) or not isinstance(refs, Mapping):
             raise DatasetFormatError(
                 f"{idf_path} must hold a JSON object word → idf and {references_path} a JSON "
@@ -191,6 +259,7 @@ class ReferenceTable:
         return cls(idf, refs)
 
     def texts_for(self, record) -> list[str] | None:
+        """Reference texts of ``record`` (looked up as the class docstring says), or ``None``."""
         raw = record.raw
         rw = raw.get("requested_rewrite", {}) if isinstance(raw, Mapping) else {}
         tn = rw.get("target_new", {}) if isinstance(rw, Mapping) else {}
@@ -238,6 +307,7 @@ class Metric:
     percent: bool = True
 
     def info(self) -> dict[str, Any]:
+        """What reports store about the metric: dataset, direction, aggregation, inputs."""
         return {"dataset": self.dataset, "description": self.description,
                 "higher_is_better": self.higher_is_better, "aggregation": self.aggregation,
                 "inputs": list(self.inputs), "percent": self.percent}
@@ -255,6 +325,7 @@ METRICS: Registry[Metric] = Registry(
 
 
 def get_metric(name: str) -> Metric:
+    """The registered :class:`Metric` called ``name`` (:class:`UnknownMetricError` if none)."""
     return METRICS.get(name)
 
 
@@ -272,18 +343,9 @@ def _mean(xs: Sequence[float]) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
 
 
-def _success(group: str, new_wins: bool) -> Callable[[RecordScores, MetricContext], float | None]:
+def _counterfact(name: str) -> Callable[[RecordScores, MetricContext], float | None]:
     def fn(scores: RecordScores, ctx: MetricContext) -> float | None:
-        rows = scores.logprobs.get(group) or []
-        return _mean([float(n > t) if new_wins else float(t > n) for n, t in rows])
-    return fn
-
-
-def _magnitude(group: str, new_wins: bool) -> Callable[[RecordScores, MetricContext],
-                                                        float | None]:
-    def fn(scores: RecordScores, ctx: MetricContext) -> float | None:
-        rows = scores.logprobs.get(group) or []
-        return _mean([(math.exp(n) - math.exp(t)) * (1 if new_wins else -1) for n, t in rows])
+        return counterfact_metrics(scores.logprobs)[name]
     return fn
 
 
@@ -321,17 +383,17 @@ _BUILTINS: list[Metric] = [
     Metric("S", "counterfact", "harmonic mean of ES, PS and NS", True,
            aggregation="harmonic", inputs=("ES", "PS", "NS")),
     Metric("ES", "counterfact", "efficacy success: P(new) > P(true) on the rewrite prompt",
-           True, _success("rewrite", True), groups=("rewrite",)),
+           True, _counterfact("ES"), groups=("rewrite",)),
     Metric("PS", "counterfact", "paraphrase success: P(new) > P(true) on paraphrases", True,
-           _success("paraphrase", True), groups=("paraphrase",)),
+           _counterfact("PS"), groups=("paraphrase",)),
     Metric("NS", "counterfact", "neighborhood success: P(true) > P(new) on neighbours", True,
-           _success("neighborhood", False), groups=("neighborhood",)),
+           _counterfact("NS"), groups=("neighborhood",)),
     Metric("EM", "counterfact", "efficacy magnitude: P(new) − P(true) on the rewrite prompt",
-           True, _magnitude("rewrite", True), groups=("rewrite",)),
+           True, _counterfact("EM"), groups=("rewrite",)),
     Metric("PM", "counterfact", "paraphrase magnitude: P(new) − P(true) on paraphrases", True,
-           _magnitude("paraphrase", True), groups=("paraphrase",)),
+           _counterfact("PM"), groups=("paraphrase",)),
     Metric("NM", "counterfact", "neighborhood magnitude: P(true) − P(new) on neighbours", True,
-           _magnitude("neighborhood", False), groups=("neighborhood",)),
+           _counterfact("NM"), groups=("neighborhood",)),
     Metric("GE", "counterfact", "generation entropy (2/3·H2 + 4/3·H3)/2 in bits (fluency)",
            True, _ge, needs=frozenset({"generation"}), percent=False),
     Metric("RS", "counterfact", "reference score: TF-IDF cosine of generations to reference "
@@ -398,12 +460,6 @@ def mean_ci(values: Sequence[float | None]) -> dict[str, float | int | None]:
     half = Z95 * std / math.sqrt(n) if n > 1 else None
     return {"mean": mean, "ci95": half, "lo": None if half is None else mean - half,
             "hi": None if half is None else mean + half, "std": std, "n": n}
-
-
-def harmonic_mean(xs: Sequence[float]) -> float:
-    if any(x <= 0 for x in xs):
-        return 0.0
-    return len(xs) / sum(1.0 / x for x in xs)
 
 
 def harmonic_ci(columns: Sequence[Sequence[float | None]], n_boot: int = 1000,

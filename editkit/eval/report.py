@@ -64,6 +64,7 @@ class Report:
 
     # -------------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form of the whole report (what :meth:`to_json` writes)."""
         return asdict(self)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -86,6 +87,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """Inverse of :meth:`to_dict`."""
         names = set(cls.__dataclass_fields__)
         missing = {"method", "model", "dataset", "protocol", "metrics", "aggregate"} - set(data)
         if missing:

@@ -16,6 +16,7 @@ The unedited model is scored on the same prompts first, so every report has befo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ from editkit.eval.metrics import (
 )
 from editkit.eval.report import Report
 from editkit.eval.scoring import score_records
+from editkit.protocols import TokenizerLike
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,10 @@ class _RevertGuard:
         else:
             for e in reversed(added):
                 self.editor.revert(e.id)
+        self.verify()
+
+    def verify(self) -> None:
+        """Check that the weights are bit-for-bit those of the snapshot (when enabled)."""
         if not self.enabled:
             return
         params = dict(self.editor.model.named_parameters())
@@ -134,7 +140,7 @@ def _record_values(metrics: Sequence[Metric], records: Sequence[EvalRecord],
 def evaluate(
     editor_or_method: Editor | type[Editor] | str,
     model: nn.Module | None = None,
-    tokenizer: Any = None,
+    tokenizer: TokenizerLike | None = None,
     records: Sequence[EvalRecord | dict[str, Any]] = (),
     protocol: str = "independent",
     metrics: Sequence[str] | None = None,
@@ -229,10 +235,16 @@ def evaluate(
     curve: list[dict[str, Any]] = []
     score_time = 0.0
 
-    def apply(indices: Sequence[int]) -> bool:
+    def apply(indices: Sequence[int], stack: contextlib.ExitStack | None = None) -> bool:
+        """Apply the records' edits (for the ``stack``'s lifetime when given); False when
+        the edit failed and ``skip_errors`` lets the evaluation go on."""
         t0 = time.perf_counter()
+        requests = [recs[i].request for i in indices]
         try:
-            editor.apply([recs[i].request for i in indices])
+            if stack is None:
+                editor.apply(requests)
+            else:
+                stack.enter_context(editor.applied(requests))
         except EditkitError as exc:
             if not skip_errors:
                 raise
@@ -249,14 +261,15 @@ def evaluate(
         if protocol in ("independent", "batch"):
             for start in range(0, n, k):
                 idx = list(range(start, min(start + k, n)))
-                if apply(idx):
-                    t0 = time.perf_counter()
-                    scored = score_records(model, tokenizer, [recs[i] for i in idx], groups,
-                                           generation=gen, max_rows=max_rows)
-                    score_time += time.perf_counter() - t0
-                    for i, s in zip(idx, scored, strict=True):
-                        post[i] = s
-                    guard.revert_added()
+                with contextlib.ExitStack() as edited:  # the edits last for this block
+                    if apply(idx, edited):
+                        t0 = time.perf_counter()
+                        scored = score_records(model, tokenizer, [recs[i] for i in idx],
+                                               groups, generation=gen, max_rows=max_rows)
+                        score_time += time.perf_counter() - t0
+                        for i, s in zip(idx, scored, strict=True):
+                            post[i] = s
+                guard.verify()
                 bar.update(len(idx))
         else:
             applied: list[int] = []

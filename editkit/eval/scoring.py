@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from editkit.eval.datasets import EvalRecord
 from editkit.eval.generation import GenerationConfig, generate
 from editkit.eval.metrics import RecordScores
+from editkit.protocols import TokenizerLike
 from editkit.tokens import build_scoring_batch
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class _Row:
 
 
 @torch.no_grad()
-def score_rows(model: nn.Module, tokenizer, prompts: Sequence[str],
+def score_rows(model: nn.Module, tokenizer: TokenizerLike, prompts: Sequence[str],
                targets: Sequence[str]) -> list[RowScore]:
     """Score ``" " + target`` after each prompt in ONE forward pass (rows right-padded)."""
     if not prompts:
@@ -101,7 +102,7 @@ def _pack(per_record: list[list[_Row]], max_rows: int) -> list[list[_Row]]:
     return passes
 
 
-def score_records(model: nn.Module, tokenizer, records: Sequence[EvalRecord],
+def score_records(model: nn.Module, tokenizer: TokenizerLike, records: Sequence[EvalRecord],
                   groups: Sequence[str], *, generation: GenerationConfig | None = None,
                   max_rows: int = 128, progress: bool = False,
                   desc: str = "scoring") -> list[RecordScores]:

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError
-from editkit.requests import EditRequest
-from editkit.tokens import score_targets
+from editkit.eval.metrics import harmonic_mean
+from editkit.eval.quality import edit_success
+from editkit.protocols import TokenizerLike
 from editkit.tracing.trace import (
     DEFAULT_NOISE,
     DEFAULT_SAMPLES,
@@ -57,7 +57,7 @@ def layer_from_aie(aie: AIEResult, group: str = SUGGEST_GROUP) -> LayerSuggestio
     return LayerSuggestion(int(np.argmax(curve)), curve)
 
 
-def mlp_aie(model: nn.Module, tokenizer, records: Iterable[Any], *, n: int | None = None,
+def mlp_aie(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any], *, n: int | None = None,
             window: int | None = None, samples: int = DEFAULT_SAMPLES,
             noise: float = DEFAULT_NOISE, noise_std: float | None = None,
             texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
@@ -70,7 +70,7 @@ def mlp_aie(model: nn.Module, tokenizer, records: Iterable[Any], *, n: int | Non
     return average_indirect_effect([t["mlp"] for t in traces], only_correct=only_correct)
 
 
-def suggest_layer(model: nn.Module, tokenizer, records: Iterable[Any], *,
+def suggest_layer(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any], *,
                   n: int | None = None, window: int | None = None,
                   samples: int = DEFAULT_SAMPLES, noise: float = DEFAULT_NOISE,
                   noise_std: float | None = None, texts: Sequence[str] | None = None,
@@ -92,26 +92,35 @@ def suggest_layer(model: nn.Module, tokenizer, records: Iterable[Any], *,
 
 
 # --------------------------------------------------------------------------- sweep
+#: The CounterFact numbers a sweep records per layer (editkit.eval.counterfact_metrics).
+SWEEP_METRICS = ("ES", "EM", "PS", "NS")
+#: Field names of sweeps saved before the metrics were unified → the metric they hold.
+_OLD_NAMES = {"efficacy": "ES", "efficacy_magnitude": "EM", "paraphrase": "PS",
+              "specificity": "NS", "score": "S"}
+
+
 @dataclass
 class SweepResult:
     """Edit success of ``method`` at each candidate layer, and its agreement with tracing.
 
-    Per layer: ``efficacy`` (fraction of rewrite prompts with P(new) > P(true) after the edit),
-    ``efficacy_magnitude`` (mean P(new) − P(true), P = exp(mean token log-prob)),
-    ``paraphrase`` (same on paraphrase prompts), ``specificity`` (fraction of neighbourhood
-    prompts still with P(true) > P(new)), ``score`` (harmonic mean of the three).
-    ``correlation``: Pearson r between the traced MLP AIE curve at the swept layers and the
-    efficacy (``correlation_magnitude``: with the efficacy magnitude, ``correlation_score``:
-    with the score); ``None`` if either is constant (e.g. efficacy 1.0 at every layer).
+    Per layer, the CounterFact numbers of :func:`editkit.eval.counterfact_metrics` averaged
+    over the records: ``ES`` (rewrite prompt), ``EM`` (its magnitude P(new) − P(true)),
+    ``PS`` (paraphrases), ``NS`` (every neighbourhood prompt), ``S``
+    (:func:`editkit.eval.harmonic_mean` of ES, PS, NS). ``correlation``: Pearson r between
+    the traced MLP AIE curve at the swept layers and ES (``correlation_magnitude``: with EM,
+    ``correlation_score``: with S); ``None`` if either is constant (e.g. ES 1.0 at every
+    layer). Saved sweeps with the earlier names (``efficacy``, ``efficacy_magnitude``,
+    ``paraphrase``, ``specificity``, ``score``) load with :meth:`from_dict`, and those names
+    remain readable attributes.
     """
 
     method: str
     layers: list[int]
-    efficacy: list[float]
-    efficacy_magnitude: list[float]
-    paraphrase: list[float]
-    specificity: list[float]
-    score: list[float]
+    ES: list[float]
+    EM: list[float]
+    PS: list[float]
+    NS: list[float]
+    S: list[float]
     n_records: int
     trace_curve: list[float] | None = None
     traced_layer: int | None = None
@@ -119,14 +128,20 @@ class SweepResult:
     correlation_magnitude: float | None = None
     correlation_score: float | None = None
 
+    # the attribute names of sweeps saved before the metrics were unified
+    efficacy = property(lambda self: self.ES)
+    efficacy_magnitude = property(lambda self: self.EM)
+    paraphrase = property(lambda self: self.PS)
+    specificity = property(lambda self: self.NS)
+    score = property(lambda self: self.S)
+
     @property
     def best_layer(self) -> int:
-        """Layer where editing works best: highest score (harmonic mean of efficacy,
-        paraphrase and specificity); ties by efficacy, then efficacy magnitude, then the
-        lower layer."""
+        """Layer where editing works best: highest S; ties by ES, then EM, then the lower
+        layer."""
         def key(i: int) -> tuple[float, float, float, int]:
-            score = -1.0 if math.isnan(self.score[i]) else self.score[i]
-            return (score, self.efficacy[i], self.efficacy_magnitude[i], -i)
+            score = -1.0 if math.isnan(self.S[i]) else self.S[i]
+            return (score, self.ES[i], self.EM[i], -i)
 
         return self.layers[max(range(len(self.layers)), key=key)]
 
@@ -136,6 +151,7 @@ class SweepResult:
         return None if self.traced_layer is None else self.traced_layer == self.best_layer
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (NaN as ``null``), with ``best_layer`` and ``agree``."""
         d = {k: ([None if isinstance(x, float) and math.isnan(x) else x for x in v]
                  if isinstance(v, list) else v)
              for k, v in dataclasses.asdict(self).items()}
@@ -145,8 +161,10 @@ class SweepResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SweepResult:
+        """Inverse of :meth:`to_dict`; also reads sweeps saved with the earlier names."""
         names = {f.name for f in dataclasses.fields(cls)}
         nan = float("nan")
+        data = {_OLD_NAMES.get(k, k): v for k, v in data.items()}
         return cls(**{k: ([nan if x is None else x for x in v]
                           if isinstance(v, list) and k != "layers" else v)
                       for k, v in data.items() if k in names})
@@ -164,38 +182,9 @@ def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def _harmonic(values: Sequence[float]) -> float:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals or min(vals) <= 0:
-        return 0.0
-    return len(vals) / sum(1.0 / v for v in vals)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.mean(values)) if len(values) else float("nan")
-
-
-@torch.no_grad()
-def edit_success(model: nn.Module, tokenizer, request: EditRequest) -> dict[str, float]:
-    """CounterFact-style success of the (already applied) edit ``request`` on ``model``.
-
-    Compares the mean per-token log-probability of ``target_new`` and ``target_true``
-    (:func:`editkit.tokens.score_targets`) on the rewrite prompt, the paraphrases and the
-    neighbourhood prompts. Missing prompt sets give NaN.
-    """
-    prompts = [request.text, *request.paraphrases, *request.neighborhood]
-    k = len(prompts)
-    lp = score_targets(model, tokenizer, prompts * 2,
-                       [request.target_new] * k + [request.target_true] * k)
-    new, true = lp[:k], lp[k:]
-    para = slice(1, 1 + len(request.paraphrases))
-    neigh = slice(1 + len(request.paraphrases), k)
-    return {
-        "efficacy": float(new[0] > true[0]),
-        "efficacy_magnitude": float(new[0].exp() - true[0].exp()),
-        "paraphrase": _mean((new[para] > true[para]).float().tolist()),
-        "specificity": _mean((true[neigh] > new[neigh]).float().tolist()),
-    }
+def _mean(values: Sequence[float | None]) -> float:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(present)) if present else float("nan")
 
 
 def _method_class(method: str | type) -> type:
@@ -206,7 +195,7 @@ def _method_class(method: str | type) -> type:
     return method
 
 
-def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterable[Any],
+def layer_sweep(method: str | type, model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any],
                 layers: Sequence[int] | None = None, *, hparams=None,
                 trace_curve: Sequence[float] | None = None, trace: bool = True,
                 n: int | None = None, progress: bool = True, **trace_kwargs: Any
@@ -216,7 +205,8 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterab
     ``method``: a registered method name (``"rome"``, ``"ft"``) or an ``Editor`` subclass
     whose hyperparameters have a ``layer`` field; ``hparams`` (default: the method's defaults
     for this model) is copied with ``layer=l`` for each candidate l. Each record is edited on
-    its own (apply, score with :func:`edit_success`, revert), so the model is unchanged at the
+    its own (``with editor.applied(request)``, scored with
+    :func:`editkit.eval.edit_success`), so the model is unchanged at the
     end. ``layers`` defaults to every layer. The traced curve (``trace_curve``, or computed
     with :func:`suggest_layer` and ``trace_kwargs`` if ``trace``) is reported beside the sweep
     with their correlation.
@@ -266,9 +256,7 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterab
             )
         traced_layer = int(np.argmax(trace_curve))
 
-    metrics: dict[str, list[float]] = {k: [] for k in
-                                       ("efficacy", "efficacy_magnitude", "paraphrase",
-                                        "specificity")}
+    metrics: dict[str, list[float]] = {k: [] for k in SWEEP_METRICS}
     bar = tqdm(total=len(layers) * len(requests), desc=f"{cls.__name__} layer sweep",
                disable=not progress)
     for layer in layers:
@@ -276,28 +264,21 @@ def layer_sweep(method: str | type, model: nn.Module, tokenizer, records: Iterab
                      adapter=adapter)
         per_record = []
         for request in requests:
-            editor.apply(request)
-            try:
+            with editor.applied(request):
                 per_record.append(edit_success(model, tokenizer, request))
-            finally:
-                editor.revert()
             bar.update()
-        for key, values in metrics.items():
-            values.append(_mean([m[key] for m in per_record if not math.isnan(m[key])]))
+        for metric, values in metrics.items():
+            values.append(_mean([m[metric] for m in per_record]))
     bar.close()
 
     swept_curve = None if trace_curve is None else [trace_curve[i] for i in layers]
-    scores = [_harmonic(v) for v in zip(metrics["efficacy"], metrics["paraphrase"],
-                                        metrics["specificity"], strict=True)]
+    scores = [harmonic_mean(v) for v in zip(metrics["ES"], metrics["PS"], metrics["NS"],
+                                            strict=True)]
     return SweepResult(
-        method=getattr(cls, "name", cls.__name__), layers=layers,
-        efficacy=metrics["efficacy"], efficacy_magnitude=metrics["efficacy_magnitude"],
-        paraphrase=metrics["paraphrase"], specificity=metrics["specificity"],
-        score=scores,
+        method=getattr(cls, "name", cls.__name__), layers=layers, **metrics, S=scores,
         n_records=len(requests), trace_curve=swept_curve, traced_layer=traced_layer,
-        correlation=None if swept_curve is None else _pearson(swept_curve,
-                                                              metrics["efficacy"]),
-        correlation_magnitude=None if swept_curve is None else _pearson(
-            swept_curve, metrics["efficacy_magnitude"]),
+        correlation=None if swept_curve is None else _pearson(swept_curve, metrics["ES"]),
+        correlation_magnitude=None if swept_curve is None else _pearson(swept_curve,
+                                                                        metrics["EM"]),
         correlation_score=None if swept_curve is None else _pearson(swept_curve, scores),
     )

@@ -7,7 +7,6 @@
   logs and curves);
 - :mod:`.io`: hypernetwork directories (safetensors + JSON) and base-model fingerprints;
 - :mod:`.editor`: ``LearnedEditor``, the ``Editor`` base class of MEND and KE;
-- :mod:`.quality`: CounterFact ES / PS / NS of any editor under the independent protocol;
 - :mod:`.cli`: the shared implementation of `editkit train-mend` and `editkit train-ke`.
 """
 
@@ -15,7 +14,6 @@ from editkit.methods._learned.data import (
     EditExample,
     as_requests,
     build_examples,
-    load_records,
     split_by_subject,
 )
 from editkit.methods._learned.editor import LearnedEditor
@@ -32,6 +30,6 @@ from editkit.methods._learned.training import EditContext, HypernetTrainer, Obje
 __all__ = [
     "EditContext", "EditExample", "FactoredDelta", "GradFactors", "HypernetTrainer",
     "LearnedEditor", "LearnedHyperParams", "LearnedTrainConfig", "Objective", "WeightSpec",
-    "as_requests", "build_examples", "capture_factors", "load_records", "rowwise_deltas",
+    "as_requests", "build_examples", "capture_factors", "rowwise_deltas",
     "split_by_subject",
 ]

@@ -2,9 +2,10 @@
 
 An :class:`EditExample` is one edit request plus the prompts its training losses read: the
 rewrite prompt and its paraphrases (edit loss: the new target should follow them) and
-unrelated prompts (locality loss: the output distribution should not move). Records come in
-the CounterFact or zsRE formats (via :mod:`editkit.eval.datasets` when it is installed, a
-small local parser otherwise), or as ``EditRequest``\\ s.
+unrelated prompts (locality loss: the output distribution should not move). Records come as
+``EditRequest``\\ s or in the CounterFact or zsRE formats (converted by the core's
+``EditRequest.from_counterfact`` / ``from_zsre``); reading files is the caller's job
+(:func:`editkit.eval.load_requests`).
 
 Splits are made **by subject** (:func:`split_by_subject`), so the subjects of validation and
 test edits never occur in training; prompts of training examples that mention a held-out
@@ -13,13 +14,11 @@ subject are dropped (:func:`build_examples`).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,12 +43,12 @@ class EditExample:
 
 
 # ----------------------------------------------------------------- records
-def _parse_local(record: Any, index: int) -> EditRequest:
+def _as_request(record: Any, index: int) -> EditRequest:
     if isinstance(record, EditRequest):
         return record
     if hasattr(record, "request") and isinstance(record.request, EditRequest):
-        return record.request
-    if isinstance(record, dict):
+        return record.request  # an editkit.eval.EvalRecord
+    if isinstance(record, Mapping):
         if "requested_rewrite" in record:
             return EditRequest.from_counterfact(record)
         if "src" in record and "alt" in record:
@@ -64,48 +63,13 @@ def _parse_local(record: Any, index: int) -> EditRequest:
 
 
 def as_requests(records: Iterable[Any]) -> list[EditRequest]:
-    """``EditRequest``\\ s from CounterFact / zsRE dicts, ``EvalRecord``\\ s or requests."""
-    items = list(records)
-    raw = [r for r in items if isinstance(r, dict)]
-    if raw and len(raw) == len(items) and not ("prompt" in raw[0] and "subject" in raw[0]):
-        try:
-            from editkit.eval.datasets import parse_records
-        except ImportError:  # the evaluation package is optional here
-            parse_records = None
-        if parse_records is not None:
-            return [r.request for r in parse_records(raw)]
-    return [_parse_local(r, i) for i, r in enumerate(items)]
+    """``EditRequest``\\ s from CounterFact / zsRE dicts, ``EvalRecord``\\ s or requests.
 
-
-def load_records(source: str | Path) -> list[EditRequest]:
-    """Edit requests from ``"factworld"``, ``"hub:<name>[:<split>]"`` or a local file.
-
-    Files: a ``.json`` list (or single object) or a ``.jsonl`` file of CounterFact records,
-    zsRE records or ``EditRequest.to_dict()`` dicts.
+    Records are converted by the request constructors of the core
+    (:meth:`EditRequest.from_counterfact`, :meth:`EditRequest.from_zsre`); files and named
+    sources are read by :func:`editkit.eval.load_requests`, which validates them first.
     """
-    text = str(source)
-    if text in ("factworld", "fact_world", "fact-world"):
-        from editkit.testbed import FactWorld
-
-        return as_requests(FactWorld().records())
-    if text.startswith("hub:"):
-        from editkit.eval.datasets import load_dataset
-
-        return [r.request for r in load_dataset(text)]
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise DatasetFormatError(f"no dataset file at {text!r}; pass a CounterFact/zsRE .json "
-                                 "or .jsonl file, or 'factworld'")
-    body = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            data: Any = [json.loads(line) for line in body.splitlines() if line.strip()]
-        else:
-            data = json.loads(body)
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); for "
-                                 "one record per line name the file .jsonl") from exc
-    return as_requests(data if isinstance(data, list) else [data])
+    return [_as_request(r, i) for i, r in enumerate(records)]
 
 
 # ------------------------------------------------------------------ splits

@@ -48,8 +48,15 @@ from editkit.methods._learned.io import (
     load_hypernet_files,
     save_hypernet,
 )
-from editkit.methods._learned.training import EditContext, HypernetTrainer, Objective, _eval_mode
+from editkit.methods._learned.training import (
+    EditContext,
+    HypernetTrainer,
+    Objective,
+    RecordMetrics,
+    _eval_mode,
+)
 from editkit.patch import Patch
+from editkit.protocols import AdapterLike, TokenizerLike
 from editkit.requests import EditRequest, as_request_list
 
 logger = logging.getLogger(__name__)
@@ -63,8 +70,9 @@ class LearnedEditor(Editor):
     train_config_class: ClassVar[type[LearnedTrainConfig]] = LearnedTrainConfig
     sequential = True
 
-    def __init__(self, model: nn.Module, tokenizer=None, hparams: LearnedHyperParams | None = None,
-                 adapter=None, *, hypernet: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, tokenizer: TokenizerLike | None = None,
+                 hparams: LearnedHyperParams | None = None, adapter: AdapterLike | None = None,
+                 *, hypernet: nn.Module | None = None) -> None:
         super().__init__(model, tokenizer, hparams, adapter)
         self.hypernet = hypernet
         self.hypernet_info: dict[str, Any] = {}
@@ -171,7 +179,8 @@ class LearnedEditor(Editor):
         self._adopt(hypernet)
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, tokenizer=None, adapter=None,
+    def load(cls, path: str | Path, model: nn.Module, tokenizer: TokenizerLike | None = None,
+             adapter: AdapterLike | None = None,
              **overrides: Any) -> LearnedEditor:
         """An editor for ``model`` with the hypernetwork stored in ``path``."""
         _, meta = load_hypernet_files(path, cls.METHOD)
@@ -213,12 +222,12 @@ class LearnedEditor(Editor):
 
     # --------------------------------------------------------------- training
     @classmethod
-    def train(cls, model: nn.Module, tokenizer, train_records: Iterable[Any],
+    def train(cls, model: nn.Module, tokenizer: TokenizerLike, train_records: Iterable[Any],
               val_records: Iterable[Any] | None = None,
               config: LearnedTrainConfig | dict | None = None, *,
-              hparams: LearnedHyperParams | dict | None = None, adapter=None,
+              hparams: LearnedHyperParams | dict | None = None, adapter: AdapterLike | None = None,
               locality_texts: Iterable[str] = (), exclude_subjects: Iterable[str] = (),
-              ) -> LearnedEditor:
+              record_metrics: RecordMetrics | None = None) -> LearnedEditor:
         """Train a hypernetwork for ``model`` and return an editor that uses it.
 
         ``train_records`` / ``val_records``: CounterFact or zsRE records (dicts), ``EvalRecord``
@@ -226,7 +235,9 @@ class LearnedEditor(Editor):
         out for validation. ``locality_texts``: extra unrelated prompts for the locality loss
         (e.g. corpus sentences); the training records' rewrite and neighbourhood prompts are
         always used. ``exclude_subjects`` (e.g. the test split's subjects): prompts that
-        mention them are never used in training. With ``config.out_dir`` the hypernetwork,
+        mention them are never used in training. ``record_metrics`` (e.g.
+        ``editkit.eval.counterfact_metrics``) adds edit-quality numbers of the validation
+        edits to the validation log. With ``config.out_dir`` the hypernetwork,
         checkpoints, the training log and curves are written there, and an interrupted run
         resumes from its checkpoint.
         """
@@ -267,7 +278,7 @@ class LearnedEditor(Editor):
             hypernet=editor.hypernet, objective=editor._build_objective(config),
             specs=editor.specs, train_examples=train_ex, val_examples=val_ex, pool=pool,
             config=config, method=cls.METHOD, fingerprint=fingerprint["digest"],
-            extra_meta={"hparams": hparams.to_dict()},
+            extra_meta={"hparams": hparams.to_dict()}, record_metrics=record_metrics,
         )
         trainer.run()
         editor.training_summary = {**trainer.summary(), "config": config.to_dict()}

@@ -12,10 +12,11 @@ One step (MEND paper, Algorithm 1; KE, De Cao et al. 2021, §3):
    prompt), all edits of the batch in one forward pass (:func:`rowwise_deltas`);
 5. the method's objective combines them (:class:`Objective`); Adam on the hypernetwork.
 
-Around it: validation every ``val_every`` steps (losses and ES/PS/NS of the validation
-edits), early stopping on the validation objective with the best hypernetwork kept,
-checkpoints (safetensors tensors + JSON scalars, optimiser state included; no pickle) that a
-later run resumes, a JSON log and a PNG of the curves.
+Around it: validation every ``val_every`` steps (losses, and the edit-quality numbers of
+the validation edits computed by the caller's ``record_metrics``), early stopping on the
+validation objective with the best hypernetwork kept, checkpoints (safetensors tensors +
+JSON scalars, optimiser state included; no pickle) that a later run resumes, a JSON log and
+a PNG of the curves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,15 +83,24 @@ class EditContext:
     adapter: Any
 
 
+#: ``record_metrics(logprobs) -> {name: value}``: edit-quality numbers of one edited
+#: example from its per-prompt log-probabilities (``logprobs[group]`` = ``[[lp(new),
+#: lp(true)], ...]`` for groups ``rewrite``, ``paraphrase``, ``neighborhood``). The caller
+#: passes it (``editkit.eval.counterfact_metrics``); the methods compute no metric themselves.
+RecordMetrics = Callable[[Mapping[str, list[list[float]]]], Mapping[str, float | None]]
+
+
 # --------------------------------------------------------------- one forward
 def edit_and_score(model: nn.Module, tokenizer, adapter, hypernet: nn.Module,
                    specs: Sequence[WeightSpec], batch: Batch, *, scores: bool = False,
-                   n_neighbors: int = 5) -> dict[str, torch.Tensor]:
+                   n_neighbors: int | None = None) -> dict[str, Any]:
     """Edit every example of ``batch`` with ``hypernet`` and compute its losses.
 
     Returns ``edit_nll`` and ``loc_kl`` (scalars, differentiable with respect to the
-    hypernetwork when grad is enabled) and, with ``scores``, per-example ``es``/``ps``/``ns``
-    (NaN where the request has no ``target_true``).
+    hypernetwork when grad is enabled) and, with ``scores``, ``logprobs``: per example the
+    per-prompt ``[lp(new), lp(true)]`` of its rewrite prompt, paraphrases and neighbourhood
+    prompts (all, or the first ``n_neighbors``) under its own edit, ``None`` where the
+    request has no ``target_true``.
     """
     requests = [e.request for e in batch.examples]
     factors, _ = capture_factors(model, tokenizer, specs, [r.text for r in requests],
@@ -99,7 +109,7 @@ def edit_and_score(model: nn.Module, tokenizer, adapter, hypernet: nn.Module,
         factors, EditContext(requests, model, tokenizer, adapter))
     by_module = {s.module: deltas[s.param] for s in specs}
     device = next(model.parameters()).device
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
 
     rows = torch.tensor([i for _, i in batch.edit_rows], device=device)
     with rowwise_deltas(model, by_module, rows):
@@ -122,47 +132,46 @@ def edit_and_score(model: nn.Module, tokenizer, adapter, hypernet: nn.Module,
         out["loc_kl"] = torch.zeros((), device=device)
 
     if scores:
-        out.update(_success_scores(model, tokenizer, by_module, batch.examples, n_neighbors))
+        out["logprobs"] = _example_logprobs(model, tokenizer, by_module, batch.examples,
+                                            n_neighbors)
     return out
 
 
 @torch.no_grad()
-def _success_scores(model, tokenizer, by_module: dict[str, FactoredDelta],
-                    examples: Sequence[EditExample], n_neighbors: int) -> dict[str, torch.Tensor]:
-    """CounterFact ES / PS / NS of each edited example (mean per-token log-prob comparison)."""
-    prompts, news, trues, idx, kinds = [], [], [], [], []
+def _example_logprobs(model, tokenizer, by_module: dict[str, FactoredDelta],
+                      examples: Sequence[EditExample], n_neighbors: int | None
+                      ) -> list[dict[str, list[list[float]]] | None]:
+    """Per edited example, ``[lp(new), lp(true)]`` of each prompt of its three groups."""
+    prompts, news, trues, idx, where = [], [], [], [], []
+    tables: list[dict[str, list[list[float]]] | None] = []
     for i, e in enumerate(examples):
         r = e.request
         if r.target_true is None:
+            tables.append(None)
             continue
-        groups = [("es", [e.edit_prompts[0]]), ("ps", list(e.edit_prompts[1:])),
-                  ("ns", list(r.neighborhood[:n_neighbors]))]
-        for kind, ps in groups:
+        neighbours = list(r.neighborhood)
+        if n_neighbors is not None:
+            neighbours = neighbours[:n_neighbors]
+        groups = {"rewrite": [e.edit_prompts[0]], "paraphrase": list(e.edit_prompts[1:]),
+                  "neighborhood": neighbours}
+        tables.append({g: [] for g in groups})
+        for group, ps in groups.items():
             for p in ps:
                 prompts.append(p)
                 news.append(r.target_new)
                 trues.append(r.target_true)
                 idx.append(i)
-                kinds.append(kind)
-    n = len(examples)
-    result = {k: torch.full((n,), float("nan")) for k in ("es", "ps", "ns")}
+                where.append(group)
     if not prompts:
-        return result
+        return tables
     device = next(model.parameters()).device
     rows = torch.tensor(idx + idx, device=device)
     with rowwise_deltas(model, by_module, rows):
         lp = row_target_logprobs(model, tokenizer, prompts + prompts, news + trues).cpu()
-    new_lp, true_lp = lp[: len(prompts)], lp[len(prompts):]
-    sums = {k: torch.zeros(n) for k in result}
-    counts = {k: torch.zeros(n) for k in result}
-    for j, (i, kind) in enumerate(zip(idx, kinds, strict=True)):
-        win = bool(new_lp[j] > true_lp[j]) if kind != "ns" else bool(true_lp[j] > new_lp[j])
-        sums[kind][i] += float(win)
-        counts[kind][i] += 1
-    for k in result:
-        have = counts[k] > 0
-        result[k][have] = sums[k][have] / counts[k][have]
-    return result
+    k = len(prompts)
+    for j, (i, group) in enumerate(zip(idx, where, strict=True)):
+        tables[i][group].append([float(lp[j]), float(lp[k + j])])
+    return tables
 
 
 # ------------------------------------------------------- optimiser <-> files
@@ -219,7 +228,8 @@ class HypernetTrainer:
                  objective: Objective, specs: Sequence[WeightSpec],
                  train_examples: Sequence[EditExample], val_examples: Sequence[EditExample],
                  pool: Sequence[str], config: LearnedTrainConfig, method: str,
-                 fingerprint: str, extra_meta: dict[str, Any] | None = None) -> None:
+                 fingerprint: str, extra_meta: dict[str, Any] | None = None,
+                 record_metrics: RecordMetrics | None = None) -> None:
         if not train_examples:
             raise ValueError("no training examples; pass at least one training record")
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
@@ -228,6 +238,7 @@ class HypernetTrainer:
         self.val_examples = list(val_examples)[: config.val_size]
         self.config, self.method, self.fingerprint = config, method, fingerprint
         self.extra_meta = dict(extra_meta or {})
+        self.record_metrics = record_metrics
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         groups = hypernet.param_groups(config) + objective.param_groups(config)
         self.optimizer = torch.optim.Adam(groups)
@@ -267,23 +278,28 @@ class HypernetTrainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """Validation losses, and the mean of each ``record_metrics`` number when given."""
         self.hypernet.eval()
         total: dict[str, float] = {"edit_nll": 0.0, "loc_kl": 0.0}
         weights = 0
-        success = {"es": [], "ps": [], "ns": []}
+        quality: dict[str, list[float]] = {}
+        scoring = self.record_metrics is not None
         for batch in self.val_batches:
             out = edit_and_score(self.model, self.tokenizer, self.adapter, self.hypernet,
-                                 self.specs, batch, scores=True)
+                                 self.specs, batch, scores=scoring)
             w = len(batch.examples)
             weights += w
             total["edit_nll"] += float(out["edit_nll"]) * w
             total["loc_kl"] += float(out["loc_kl"]) * w
-            for k in success:
-                success[k] += [v for v in out[k].tolist() if not math.isnan(v)]
+            for table in out.get("logprobs", ()):
+                if table is None:
+                    continue
+                for name, value in self.record_metrics(table).items():
+                    if value is not None and not math.isnan(value):
+                        quality.setdefault(name, []).append(float(value))
         metrics = {k: v / max(weights, 1) for k, v in total.items()}
-        for k, vals in success.items():
-            if vals:
-                metrics[k] = sum(vals) / len(vals)
+        for name, vals in quality.items():
+            metrics[name] = sum(vals) / len(vals)
         metrics["score"] = self.objective.val_score(metrics)
         return metrics
 
@@ -464,7 +480,7 @@ def plot_curves(log: Sequence[dict[str, Any]], path: str | Path, title: str = ""
     series = [
         (axes[0], ["train_edit_nll", "val_edit_nll"], "edit NLL (new target)", True),
         (axes[1], ["train_loc_kl", "val_loc_kl"], "locality KL", True),
-        (axes[2], ["val_es", "val_ps", "val_ns"], "validation success", False),
+        (axes[2], ["val_ES", "val_PS", "val_NS"], "validation success", False),
     ]
     for ax, keys, label, log_y in series:
         for key in keys:

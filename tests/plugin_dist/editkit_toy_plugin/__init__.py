@@ -72,7 +72,7 @@ class RankOneFT(Editor):
             for p in self.model.parameters():
                 p.grad = None
         delta = self.adapter.lowrank_delta(u.detach(), v.detach())
-        return self._new_patch({self.edited_parameters()[0]: delta}, items)
+        return self.make_patch({self.edited_parameters()[0]: delta}, items)
 
 
 def toy_texts(**_: object):
