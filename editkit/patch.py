@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from editkit._version import __version__
 from editkit.errors import EditFailedError, PatchMismatchError
 from editkit.export.peft import patch_to_peft
 from editkit.layouts import Delta, Dense, LowRank
@@ -70,8 +71,6 @@ class Patch:
         fingerprint of the touched parameters as they are now (so that applying the patch
         to other weights is refused); ``metadata`` adds entries.
         """
-        from editkit import __version__
-
         if hparams is not None and not isinstance(hparams, dict):
             hparams = hparams.to_dict()
         meta = {

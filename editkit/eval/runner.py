@@ -315,7 +315,7 @@ def evaluate(
                 entry["raw"] = {"pre": pre[i].to_dict(), "post": post[i].to_dict()}
         per_record.append(entry)
 
-    from editkit import __version__
+    from editkit._version import __version__
 
     timings["total_s"] = time.perf_counter() - start_all
     config = {

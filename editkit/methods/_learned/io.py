@@ -110,7 +110,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
 def save_hypernet(path: str | os.PathLike, hypernet: nn.Module, meta: Mapping[str, Any]) -> Path:
     """Write ``hypernet``'s parameters and buffers and its JSON description into ``path``."""
-    from editkit import __version__
+    from editkit._version import __version__
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
