@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from editkit.errors import ReplayMismatchError, UnsupportedModelError
+from editkit.models.compat import map_leaves
 from editkit.nethooks import HookSet
 
 logger = logging.getLogger(__name__)
@@ -71,15 +72,7 @@ class BlockCalls(HookSet):
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``obj`` (nested tuples, lists, dicts) with ``fn`` applied to every tensor in it."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(map_tensors(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
-    return obj
+    return map_leaves(obj, lambda leaf: fn(leaf) if isinstance(leaf, torch.Tensor) else leaf)
 
 
 def expand_batch(obj: Any, batch: int) -> Any:

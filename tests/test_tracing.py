@@ -405,5 +405,7 @@ def test_split_modules_keep_the_old_import_paths():
     assert trace.TraceResult is results.TraceResult and trace.GROUPS is results.GROUPS
     assert trace.check_kinds is kinds.check_kinds and trace.SEVERED_KINDS is kinds.SEVERED_KINDS
     assert trace.DEFAULT_NOISE == corruption.DEFAULT_NOISE == 3.0
-    for name in trace.__all__:
+    for name in [*trace.__all__, *trace._MOVED]:
         assert getattr(trace, name) is not None
+    with pytest.raises(AttributeError):
+        trace.no_such_name  # noqa: B018

@@ -25,7 +25,8 @@ from editkit.cli.common import FACT_WORLD_NAMES, load_model
 from editkit.errors import DatasetFormatError, EditkitError
 from editkit.testbed import FactWorld
 from editkit.tracing import SEVERED_KINDS, CausalTracer, aie_by_kind, plots, trace_naive
-from editkit.tracing.trace import as_trace_requests, check_kinds
+from editkit.tracing.kinds import check_kinds
+from editkit.tracing.trace import as_trace_requests
 
 
 def common_options(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -98,17 +98,23 @@ def _prefix_cache_class() -> type:
     return PrefixCache
 
 
+def map_leaves(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` (nested tuples, lists, dicts) with ``fn`` applied to every other object in it;
+    cache objects are leaves."""
+    if is_cache(obj):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_leaves(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_leaves(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_leaves(v, fn) for k, v in obj.items()}
+    return fn(obj)
+
+
 def swap_cache(obj: Any, cache: Any) -> Any:
     """``obj`` (nested tuples, lists, dicts) with every cache object in it replaced by ``cache``."""
-    if is_cache(obj):
-        return cache
-    if isinstance(obj, tuple):
-        return tuple(swap_cache(o, cache) for o in obj)
-    if isinstance(obj, list):
-        return [swap_cache(o, cache) for o in obj]
-    if isinstance(obj, dict):
-        return {k: swap_cache(v, cache) for k, v in obj.items()}
-    return obj
+    return map_leaves(obj, lambda leaf: cache if is_cache(leaf) else leaf)
 
 
 def same_calls(a: Any, b: Any) -> bool:

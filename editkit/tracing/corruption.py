@@ -10,6 +10,7 @@ Shared by the fast tracer and the straightforward one, so both corrupt identical
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from torch import nn
 
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError
 from editkit.tokens import encode, fill, prompt_target_ids, subject_char_span, token_index_at_char
+
+logger = logging.getLogger(__name__)
 
 #: The paper's noise level: ν = 3σ.
 DEFAULT_NOISE = 3.0
@@ -96,6 +99,16 @@ def weight_embedding_std(model: nn.Module, adapter=None) -> float:
     sigma = float(adapter.module(model, "embedding").weight.detach().double().std())
     scale = adapter.embedding_scale(model)
     return sigma if scale == 1.0 else sigma * scale
+
+
+def noise_std_for(model: nn.Module, tokenizer, adapter, noise: float,
+                  texts: Sequence[str] | None = None) -> float:
+    """ν = ``noise`` · σ, with σ the std of the subject embeddings of ``texts`` (the paper's
+    choice), or of the embedding matrix when no text is given."""
+    if texts:
+        return noise * embedding_std(model, tokenizer, texts, adapter)
+    logger.info("no text sample for σ: using the std of the embedding matrix")
+    return noise * weight_embedding_std(model, adapter)
 
 
 def make_noise(samples: int, n_tokens: int, hidden: int, scale: float, seed: int) -> torch.Tensor:

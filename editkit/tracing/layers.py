@@ -27,14 +27,9 @@ from editkit.errors import InvalidHyperParamsError, InvalidRequestError
 from editkit.eval.metrics import harmonic_mean
 from editkit.eval.quality import edit_success
 from editkit.protocols import TokenizerLike
-from editkit.tracing.trace import (
-    DEFAULT_NOISE,
-    DEFAULT_SAMPLES,
-    AIEResult,
-    as_trace_requests,
-    average_indirect_effect,
-    trace_records,
-)
+from editkit.tracing.corruption import DEFAULT_NOISE, DEFAULT_SAMPLES
+from editkit.tracing.results import AIEResult, average_indirect_effect
+from editkit.tracing.trace import as_trace_requests, trace_records
 
 logger = logging.getLogger(__name__)
 

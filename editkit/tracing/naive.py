@@ -25,61 +25,41 @@ import torch
 from torch import nn
 
 from editkit.nethooks import Trace
-from editkit.tracing.corruption import (
-    DEFAULT_NOISE,
-    DEFAULT_SAMPLES,
-    answer_probs,
-    corrupt,
-    embedding_noise,
-    embedding_std,
-    eval_mode,
-    model_device,
-    prepare_prompt,
-    weight_embedding_std,
-)
-from editkit.tracing.kinds import (
-    FREEZE_OF_KIND,
-    KINDS,
-    SLOT_OF_KIND,
-    check_kinds,
-    check_window,
-    window_layers,
-)
+from editkit.tracing import corruption
+from editkit.tracing import kinds as kind_table
 from editkit.tracing.results import TraceResult
 
 
 def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
-                target: str | None = None, *, kinds: str | Iterable[str] = KINDS,
-                window: int | None = None, samples: int = DEFAULT_SAMPLES,
-                noise: float = DEFAULT_NOISE, noise_std: float | None = None,
+                target: str | None = None, *, kinds: str | Iterable[str] = kind_table.KINDS,
+                window: int | None = None, samples: int = corruption.DEFAULT_SAMPLES,
+                noise: float = corruption.DEFAULT_NOISE, noise_std: float | None = None,
                 texts=None, seed: int = 0, adapter=None) -> dict[str, TraceResult]:
     """Same arguments and results as :func:`~editkit.tracing.causal_trace`, one cell at a time."""
     from editkit.registry import get_adapter
 
     adapter = adapter or get_adapter(model)
-    kinds = check_kinds(kinds)
+    kinds = kind_table.check_kinds(kinds)
     L = adapter.num_layers(model)
-    window = check_window(window, L)
+    window = kind_table.check_window(window, L)
     if noise_std is None:
-        sigma = (embedding_std(model, tokenizer, texts, adapter) if texts
-                 else weight_embedding_std(model, adapter))
-        noise_std = noise * sigma
+        noise_std = corruption.noise_std_for(model, tokenizer, adapter, noise, texts)
     emb_name = adapter.module_name("embedding")
     hidden = adapter.module(model, "embedding").weight.shape[-1]
-    tp = prepare_prompt(tokenizer, prompt, subject, target, hidden_size=hidden,
+    tp = corruption.prepare_prompt(tokenizer, prompt, subject, target, hidden_size=hidden,
                         samples=samples, noise_std=float(noise_std), seed=seed)
     T = tp.n_tokens
-    ids = torch.tensor([tp.input_ids], device=model_device(model))
+    ids = torch.tensor([tp.input_ids], device=corruption.model_device(model))
     noisy_ids = ids.expand(samples, -1)
     names = {slot: [adapter.module_name(slot, i) for i in range(L)]
              for slot in ("block", "mlp", "attn")}
 
-    noise = embedding_noise(model, adapter, tp.noise)
+    noise = corruption.embedding_noise(model, adapter, tp.noise)
 
     def add_noise(h: torch.Tensor) -> torch.Tensor:
-        return corrupt(h, noise, tp.subject_range)
+        return corruption.corrupt(h, noise, tp.subject_range)
 
-    with eval_mode(model):
+    with corruption.eval_mode(model):
         # clean run: every state we may restore
         all_names = names["block"] + names["mlp"] + names["attn"]
         with Trace(model, all_names, retain_output=True) as clean:
@@ -87,13 +67,13 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
         top1 = int(logits[0].argmax())
         if tp.answer_id is None:
             tp.answer_id, tp.answer = top1, tokenizer.decode([top1]).strip()
-        p_clean = float(answer_probs(logits, tp.answer_id)[0])
+        p_clean = float(corruption.answer_probs(logits, tp.answer_id)[0])
 
         # corrupted run: P*(o), and the corrupted MLP/attention outputs the severed kinds freeze
         with Trace(model, names["mlp"] + names["attn"], retain_output=True) as bad, \
                 Trace(model, [emb_name], edit_output=lambda _, h: add_noise(h)):
             logits = model(input_ids=noisy_ids, use_cache=False).logits[:, -1]
-        p_corrupt = float(answer_probs(logits, tp.answer_id).mean())
+        p_corrupt = float(corruption.answer_probs(logits, tp.answer_id).mean())
 
         def restored_prob(slot: str, token: int, layers: Iterable[int], freeze: str | None
                           ) -> float:
@@ -112,15 +92,15 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
 
             with Trace(model, [emb_name, *patch, *frozen], edit_output=edit):
                 logits = model(input_ids=noisy_ids, use_cache=False).logits[:, -1]
-            return float(answer_probs(logits, tp.answer_id).mean())
+            return float(corruption.answer_probs(logits, tp.answer_id).mean())
 
         results = {}
         for kind in kinds:
-            slot, freeze = SLOT_OF_KIND[kind], FREEZE_OF_KIND.get(kind)
+            slot, freeze = kind_table.SLOT_OF_KIND[kind], kind_table.FREEZE_OF_KIND.get(kind)
             scores = np.zeros((T, L), dtype=np.float64)
             for t in range(T):
                 for layer in range(L):
-                    layers = [layer] if slot == "block" else window_layers(layer, window, L)
+                    layers = [layer] if slot == "block" else kind_table.window_layers(layer, window, L)
                     scores[t, layer] = restored_prob(slot, t, layers, freeze)
             results[kind] = TraceResult(
                 kind=kind, scores=scores, p_clean=p_clean, p_corrupt=p_corrupt,

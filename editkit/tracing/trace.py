@@ -75,6 +75,7 @@ import bisect
 import contextlib
 import functools
 import gc
+import importlib
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -98,44 +99,42 @@ from editkit.tracing.corruption import (
     answer_probs,
     corrupt,
     embedding_noise,
-    embedding_std,
     eval_mode,
-    make_noise,
     model_device,
+    noise_std_for,
     prepare_prompt,
-    subject_token_range,
-    weight_embedding_std,
 )
 from editkit.tracing.kinds import (
-    ALL_KINDS,
     FREEZE_OF_KIND,
     KINDS,
-    SEVERED_KINDS,
     SLOT_OF_KIND,
     check_kinds,
     check_window,
-    default_window,
     window_layers,
 )
 from editkit.tracing.results import (
-    GROUPS,
-    AIEResult,
     TraceResult,
-    aie_by_kind,
-    average_indirect_effect,
-    token_groups,
 )
 
 logger = logging.getLogger(__name__)
 
-#: Names defined in the modules this one was split into, importable from here as before.
-__all__ = [
-    "ALL_KINDS", "DEFAULT_NOISE", "DEFAULT_SAMPLES", "GROUPS", "KINDS", "SEVERED_KINDS",
-    "AIEResult", "CausalTracer", "TracePrompt", "TraceResult", "aie_by_kind", "answer_probs",
-    "as_trace_requests", "average_indirect_effect", "causal_trace", "check_kinds", "corrupt",
-    "default_window", "embedding_std", "make_noise", "prepare_prompt", "subject_token_range",
-    "token_groups", "trace_records", "weight_embedding_std", "window_layers",
-]
+#: Names that lived here before the module was split, served from their new modules (PEP 562)
+#: so that ``from editkit.tracing.trace import TraceResult`` and the like keep working.
+_MOVED = {
+    **dict.fromkeys(("embedding_std", "make_noise", "subject_token_range",
+                     "weight_embedding_std"), "corruption"),
+    **dict.fromkeys(("ALL_KINDS", "SEVERED_KINDS", "default_window"), "kinds"),
+    **dict.fromkeys(("GROUPS", "AIEResult", "aie_by_kind", "average_indirect_effect",
+                     "token_groups"), "results"),
+}
+
+__all__ = ["CausalTracer", "as_trace_requests", "causal_trace", "trace_records"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(f"editkit.tracing.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextlib.contextmanager
@@ -299,12 +298,8 @@ class CausalTracer:
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InvalidHyperParamsError(f"batch_size={self.batch_size!r} must be ≥ 1")
         if self.noise_std is None:
-            if self.texts:
-                sigma = embedding_std(self.model, self.tokenizer, self.texts, self.adapter)
-            else:
-                sigma = weight_embedding_std(self.model, self.adapter)
-                logger.info("no text sample for σ: using the std of the embedding matrix")
-            self.noise_std = self.noise * sigma
+            self.noise_std = noise_std_for(self.model, self.tokenizer, self.adapter, self.noise,
+                                           self.texts)
         self.n_layers = self.adapter.num_layers(self.model)
         self._cache_arg = compat.cache_argument(self.model) if self.reuse_prefix else None
         self._first_block_ok = self.first_blocks
