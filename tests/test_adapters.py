@@ -235,7 +235,7 @@ def _rome(model, tok, adapter, tmp_path):
         hp = ROMEHyperParams.for_model(model, adapter)
     # every state of Gemma 2 is re-normalised, so on a 3-layer random model one MLP value moves
     # P(new) slowly: a larger step than the default makes 25 steps enough
-    hp.mom2_n_samples, hp.v_num_grad_steps, hp.v_lr = 300, 25, 5.0
+    hp.mom2_n_samples, hp.value.num_grad_steps, hp.value.lr = 300, 25, 5.0
     return ROME(model, tok, hp, adapter=adapter, stats_texts="pydoc", cache_dir=str(tmp_path),
                 context_templates=["{}", "Once upon a time. {}"])
 

@@ -87,7 +87,8 @@ def test_rome_on_tied_and_untied_llama(sentencepiece_tokenizer, tmp_path, tied):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
-    hp = dataclasses.replace(hp, mom2_n_samples=300, v_num_grad_steps=30, fact_token="last")
+    hp = dataclasses.replace(hp, mom2_n_samples=300, value=dataclasses.replace(
+        hp.value, num_grad_steps=30, fact_token="last"))
     editor = ROME(model, tok, hp, context_templates=["{}", "Hello. {}"], stats_texts="pydoc",
                   cache_dir=str(tmp_path))
     p_before = score_targets(model, tok, [EIFFEL.text], [EIFFEL.target_new])
@@ -187,7 +188,8 @@ def test_rome_edits_a_real_fact(smol, tmp_path):
     model, tok = smol
     before = snapshot(model)
     hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
-    hp = dataclasses.replace(hp, mom2_n_samples=200, context_template_length_params=((5, 4),))
+    hp = dataclasses.replace(hp, mom2_n_samples=200, value=dataclasses.replace(
+        hp.value, context_template_length_params=((5, 4),)))
     editor = ROME(model, tok, hp, cache_dir=str(tmp_path))
     unrelated = ["The Louvre Museum is located in the city of",
                  "The Colosseum is located in the city of"]
