@@ -135,7 +135,7 @@ class EditHistory:
             for name, value in weights.items():
                 params[name].copy_(value)
             self.edits, self.originals = edits, originals
-            if isinstance(exc, (EditkitError, KeyboardInterrupt, SystemExit)):
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             raise EditFailedError(
                 f"reverting edit(s) {sorted(doomed)} failed while replaying the remaining edits "
@@ -406,18 +406,25 @@ def apply_patch(model: nn.Module, patch: Patch | str | os.PathLike, *,
             "wrong base model could not be refused; pass force=True (--force) to apply it "
             "anyway"
         )
-    requests = []
-    for i, item in enumerate(patch.metadata.get("requests") or ()):
-        try:
-            requests.append(EditRequest.from_dict(item))
-        except (EditkitError, TypeError, ValueError, AttributeError) as exc:
-            raise PatchMismatchError(
-                f"metadata.requests[{i}] of the patch is not an edit request ({exc}); use the "
-                "original patch file"
-            ) from exc
+    requests = patch_requests(patch)
     patch.check_fits(model, force=force)
     patch.check_dtypes()
     patch.check_finite()
     method = patch.metadata.get("method")
     return EditHistory.of(model).push(model, patch, method if isinstance(method, str) else
                                       "patch", requests, 0.0)
+
+
+def patch_requests(patch: Patch) -> list[EditRequest]:
+    """The edit requests a patch records in its metadata (``PatchMismatchError`` if one is
+    not a valid request)."""
+    requests = []
+    for i, item in enumerate(patch.metadata.get("requests") or ()):
+        try:
+            requests.append(EditRequest.from_dict(item))
+        except (EditkitError, TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise PatchMismatchError(
+                f"metadata.requests[{i}] of the patch is not an edit request ({exc}); use the "
+                "original patch file"
+            ) from exc
+    return requests
