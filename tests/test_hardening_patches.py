@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,6 +394,8 @@ HYPERNET_CASES = [
         HypernetworkMismatchError, ("rank=200000", "between 1 and")),
     Bad("mend-n-blocks-tampered", _load("mend", _hp("n_blocks", 5)),
         HypernetworkMismatchError, ("does not fit the architecture", "missing tensors")),
+    Bad("mend-n-blocks-200000", _load("mend", _hp("n_blocks", 200_000)),
+        HypernetworkMismatchError, ("n_blocks=200000", "between 1 and 49")),
     Bad("ke-lstm-hidden-tampered", _load("ke", _hp("lstm_hidden", 4096)),
         HypernetworkMismatchError, ("should have shape", "retrain")),
     Bad("mend-tensor-reshaped", _load("mend", state_change=_widen),
@@ -440,7 +443,10 @@ def test_tampered_hypernetwork_is_refused(case: Bad, fact_world, tmp_path):
     model, tok = fact_world
     method = "ke" if case.id.startswith("ke-") else "mend"
     d = _shipped_copy(method, tmp_path)
+    start = time.perf_counter()
     assert_refused(case, d, model, tok, models=[model])
+    # Refused before allocating: a tampered size costs no memory and no time.
+    assert time.perf_counter() - start < 10
 
 
 def test_hypernetwork_policy_comes_from_the_caller(fact_world, tmp_path):

@@ -229,8 +229,22 @@ def check_hypernet_fits(build: Callable[[], nn.Module], state: Mapping[str, torc
             f"integer between 1 and {limit} (the widest edited weight, d_out + d_in). Use an "
             "intact copy or retrain the hypernetwork"
         )
-    with torch.device("meta"):
-        skeleton = build()
+    blocks = getattr(hparams, "n_blocks", None)
+    if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool)
+                               or not 1 <= blocks <= len(state)):
+        # Each block owns tensors, so the file bounds the count (and the time to build it).
+        raise HypernetworkMismatchError(
+            f"the hypernetwork in {where} asks for n_blocks={blocks!r}; its file holds "
+            f"{len(state)} tensors, so it must be an integer between 1 and {len(state)}. Use "
+            "an intact copy or retrain the hypernetwork"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except Exception as exc:  # an op without a meta kernel: load_state_dict still checks
+        logger.debug("cannot build the hypernetwork on the meta device (%s); skipping the "
+                     "shape pre-check", exc)
+        return
     expected = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
     stored = {k: tuple(t.shape) for k, t in state.items()}
     missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
