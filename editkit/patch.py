@@ -308,11 +308,11 @@ def load_patch(path: str | os.PathLike, *, force: bool = False) -> Patch:
             "base model could not be refused; use the original patch file, or pass force=True "
             "(--force) to load it without that guard"
         )
-    try:
-        patch.check_dtypes()
-        patch.check_finite()
-    except EditkitError as exc:
-        raise PatchMismatchError(f"{where}: {exc}") from exc
+    for key, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise PatchMismatchError(
+                f"{where}: tensor {key!r} contains NaN or inf, which no edit should apply; "
+                "use the original patch file or compute the edit again")
     return patch
 
 
