@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from editkit._version import __version__
-from editkit.editor import AppliedEdit, EditHistory, Editor
+from editkit.editor import AppliedEdit, EditHistory, Editor, apply_patch, revert
 from editkit.errors import (
     DatasetFormatError,
     EditFailedError,
@@ -45,8 +45,8 @@ __all__ = [
     "EditHistory", "EditRequest", "EditkitError", "Editor", "HistoryError", "HyperParams",
     "InvalidHyperParamsError", "InvalidRequestError", "LowRank", "ModelAdapter", "Patch",
     "PatchMismatchError", "StatsError", "SubjectNotFoundError", "TEXT_SOURCES", "TokenizerError",
-    "UnknownMethodError", "UnsupportedModelError", "WeightLayout", "__version__", "get_adapter",
-    "get_method", "list_adapters", "list_methods", "load_patch",
+    "UnknownMethodError", "UnsupportedModelError", "WeightLayout", "__version__", "apply_patch",
+    "get_adapter", "get_method", "list_adapters", "list_methods", "load_patch", "revert",
 ]
 
 

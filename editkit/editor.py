@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -29,9 +30,15 @@ from typing import Any, ClassVar, Literal, overload
 import torch
 from torch import nn
 
-from editkit.errors import EditFailedError, EditkitError, HistoryError, TokenizerError
+from editkit.errors import (
+    EditFailedError,
+    EditkitError,
+    HistoryError,
+    PatchMismatchError,
+    TokenizerError,
+)
 from editkit.hparams import HyperParams
-from editkit.patch import Delta, Patch
+from editkit.patch import Delta, Patch, load_patch
 from editkit.protocols import AdapterLike, TokenizerLike
 from editkit.registry import get_adapter
 from editkit.requests import EditRequest, as_request_list
@@ -86,10 +93,15 @@ class EditHistory:
              seconds: float) -> AppliedEdit:
         """Apply ``patch`` to ``model`` (saving the originals it touches first) and record it."""
         params = dict(model.named_parameters())
-        for name in patch.deltas:
-            if name not in self.originals:
-                self.originals[name] = params[name].detach().clone()
-        patch.apply_to(model, force=True)
+        fresh = [n for n in patch.deltas if n not in self.originals]
+        for name in fresh:
+            self.originals[name] = params[name].detach().clone()
+        try:
+            patch.apply_to(model, force=True)  # all or nothing by itself
+        except BaseException:
+            for name in fresh:  # nothing was applied: no original to keep
+                del self.originals[name]
+            raise
         edit = AppliedEdit(next(_edit_ids), method, patch, requests, seconds)
         self.edits.append(edit)
         return edit
@@ -105,11 +117,31 @@ class EditHistory:
 
     @torch.no_grad()
     def remove(self, model: nn.Module, edit_ids: Sequence[int]) -> None:
-        """Remove the given edits and rebuild the touched weights exactly."""
+        """Remove the given edits and rebuild the touched weights exactly.
+
+        All or nothing: if replaying the remaining edits fails, every touched weight, the
+        list of edits and the recorded originals go back to what they were before the call.
+        """
         doomed = {self.find(i).id for i in edit_ids}
         affected = {n for e in self.edits if e.id in doomed for n in e.patch.deltas}
-        self.edits = [e for e in self.edits if e.id not in doomed]
-        self._rebuild(model, affected)
+        # Only parameters with a recorded original are ever rewritten by _rebuild.
+        params = dict(model.named_parameters())
+        weights = {n: params[n].detach().clone() for n in self.originals}
+        edits, originals = list(self.edits), dict(self.originals)
+        try:
+            self.edits = [e for e in self.edits if e.id not in doomed]
+            self._rebuild(model, affected)
+        except BaseException as exc:
+            for name, value in weights.items():
+                params[name].copy_(value)
+            self.edits, self.originals = edits, originals
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise EditFailedError(
+                f"reverting edit(s) {sorted(doomed)} failed while replaying the remaining edits "
+                f"({type(exc).__name__}: {exc}); the weights and the history are as they were "
+                "before the revert"
+            ) from exc
 
     def _rebuild(self, model: nn.Module, names: set[str]) -> None:
         # Close ``names`` under "shares a parameter with a remaining edit": every such edit
@@ -321,24 +353,78 @@ class Editor(ABC):
         The weights become bit-for-bit those of the base with the remaining patches applied
         in their original order.
         """
-        history = EditHistory.of(self.model)
-        if not history.edits:
-            if edit == "all":
-                return self
-            raise HistoryError("nothing to revert: no edit has been applied to this model")
-        if edit is None:
-            ids = [history.edits[-1].id]
-        elif edit == "all":
-            ids = [e.id for e in history.edits]
-        elif isinstance(edit, AppliedEdit):
-            ids = [edit.id]
-        elif isinstance(edit, int) and not isinstance(edit, bool):
-            ids = [edit]
-        else:
-            raise HistoryError(f"revert() takes None, 'all', an edit id or an AppliedEdit, "
-                               f"got {edit!r}")
-        history.remove(self.model, ids)
+        revert(self.model, edit)
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.model).__name__}, {self.hparams})"
+
+
+def revert(model: nn.Module, edit: int | AppliedEdit | Literal["all"] | None = None) -> None:
+    """Undo the last edit of ``model`` (``None``), a given one (id or ``AppliedEdit``) or
+    ``"all"``, whichever editor or :func:`apply_patch` applied it; exact and all or nothing.
+
+    The weights become bit-for-bit those of the base with the remaining patches applied in
+    their original order; if that fails, weights and history stay as they were.
+    """
+    history = EditHistory.of(model)
+    if not history.edits:
+        if edit == "all":
+            return
+        raise HistoryError("nothing to revert: no edit has been applied to this model")
+    if edit is None:
+        ids = [history.edits[-1].id]
+    elif isinstance(edit, str) and edit == "all":
+        ids = [e.id for e in history.edits]
+    elif isinstance(edit, AppliedEdit):
+        ids = [edit.id]
+    elif isinstance(edit, int) and not isinstance(edit, bool):
+        ids = [edit]
+    else:
+        raise HistoryError(f"revert() takes None, 'all', an edit id or an AppliedEdit, "
+                           f"got {edit!r}")
+    history.remove(model, ids)
+
+
+def apply_patch(model: nn.Module, patch: Patch | str | os.PathLike, *,
+                force: bool = False) -> AppliedEdit:
+    """Apply a saved patch (a path, or a :class:`Patch`) through ``model``'s edit history.
+
+    Returns the history entry, so ``revert(model, entry)`` (or ``editor.revert(entry)``)
+    undoes it bit-for-bit. The file is validated by :func:`~editkit.patch.load_patch`; the
+    patch must fit ``model`` (names, shapes, and the fingerprint of the base weights it was
+    computed on). ``force=True`` skips the fingerprint checks, and must be given explicitly
+    for a patch that records no base fingerprint. All or nothing: on any error the model
+    and its history are unchanged.
+    """
+    if not isinstance(patch, Patch):
+        patch = load_patch(patch, force=force)
+    unguarded = sorted(set(patch.deltas) - set(patch.base_fingerprint))
+    if unguarded and not force:
+        raise PatchMismatchError(
+            f"the patch records no base fingerprint for {unguarded[:3]}, so applying it to the "
+            "wrong base model could not be refused; pass force=True (--force) to apply it "
+            "anyway"
+        )
+    requests = patch_requests(patch)
+    patch.check_fits(model, force=force)
+    patch.check_dtypes()
+    patch.check_finite()
+    method = patch.metadata.get("method")
+    return EditHistory.of(model).push(model, patch, method if isinstance(method, str) else
+                                      "patch", requests, 0.0)
+
+
+def patch_requests(patch: Patch) -> list[EditRequest]:
+    """The edit requests a patch records in its metadata (``PatchMismatchError`` if one is
+    not a valid request)."""
+    requests = []
+    for i, item in enumerate(patch.metadata.get("requests") or ()):
+        try:
+            requests.append(EditRequest.from_dict(item))
+        except (EditkitError, TypeError, ValueError, AttributeError, KeyError) as exc:
+            raise PatchMismatchError(
+                f"metadata.requests[{i}] of the patch is not an edit request ({exc}); use the "
+                "original patch file"
+            ) from exc
+    return requests

@@ -124,13 +124,14 @@ def test_one_module_per_subcommand():
         assert module.__name__ == f"editkit.cli.{name.replace('-', '_')}"
         assert parser.parse_args([name, *REQUIRED.get(name, [])]).func is module.run
         parser_names.append(name)
-    assert parser_names == ["demo", "edit", "methods", "stats", "trace", "suggest-layer", "eval",
-                            "compare", "train-mend", "train-ke"]
+    assert parser_names == ["demo", "edit", "apply", "methods", "stats", "trace",
+                            "suggest-layer", "eval", "compare", "train-mend", "train-ke"]
 
 
 #: Arguments each subcommand cannot parse without.
 REQUIRED = {
-    "edit": ["--model", "m"], "stats": ["m", "--layers", "0"], "trace": ["--model", "m", "--out", "o"],
+    "edit": ["--model", "m"], "apply": ["--model", "m", "p"], "stats": ["m", "--layers", "0"],
+    "trace": ["--model", "m", "--out", "o"],
     "suggest-layer": ["--model", "m"], "eval": ["--model", "m", "--method", "ft", "--data", "d"],
     "compare": ["r"], "train-mend": ["--model", "m", "--data", "d", "--out", "o"],
     "train-ke": ["--model", "m", "--data", "d", "--out", "o"],

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from editkit.cli import (
+    apply,
     compare,
     demo,
     edit,
@@ -39,7 +40,7 @@ __all__ = ["SUBCOMMANDS", "add_parser", "build_editor", "build_parser", "load_mo
            "run"]
 
 #: The subcommand modules, in the order ``editkit --help`` lists them.
-SUBCOMMANDS = (demo, edit, methods, stats, trace, suggest_layer, eval_, compare, train_mend,
+SUBCOMMANDS = (demo, edit, apply, methods, stats, trace, suggest_layer, eval_, compare, train_mend,
                train_ke)
 
 

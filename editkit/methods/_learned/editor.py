@@ -44,6 +44,7 @@ from editkit.methods._learned.hparams import LearnedHyperParams, LearnedTrainCon
 from editkit.methods._learned.io import (
     base_fingerprint,
     check_fingerprint,
+    check_hypernet_fits,
     find_shipped_hypernet,
     load_hypernet_files,
     save_hypernet,
@@ -163,17 +164,24 @@ class LearnedEditor(Editor):
 
     def _load_from(self, path: str | Path) -> None:
         state, meta = load_hypernet_files(path, self.METHOD)
+        previous = self.hparams
         self.hparams = self._reconcile(dict(meta.get("hparams", {})), str(path))
-        if self.hparams.check_fingerprint:
-            check_fingerprint(meta.get("base", {}), self.fingerprint(), str(path))
-        hypernet = self._build_hypernet()
-        try:
-            hypernet.load_state_dict(state)
-        except RuntimeError as exc:
-            raise HypernetworkMismatchError(
-                f"the hypernetwork in {str(path)!r} does not fit the architecture these "
-                f"hyperparameters build ({exc}); retrain it"
-            ) from exc
+        try:  # a refused hypernetwork leaves the editor's hyperparameters as they were
+            if self.hparams.check_fingerprint:  # the caller's policy, never the file's
+                check_fingerprint(meta.get("base", {}), self.fingerprint(), str(path))
+            check_hypernet_fits(self._build_hypernet, state, self.hparams,
+                                [(s.d_out, s.d_in) for s in self.specs], str(path))
+            hypernet = self._build_hypernet()
+            try:
+                hypernet.load_state_dict(state)
+            except RuntimeError as exc:
+                raise HypernetworkMismatchError(
+                    f"the hypernetwork in {str(path)!r} does not fit the architecture these "
+                    f"hyperparameters build ({exc}); retrain it"
+                ) from exc
+        except BaseException:
+            self.hparams = previous
+            raise
         self.hypernet_info = {"path": str(path), "base_digest": meta.get("base", {}).get("digest")}
         self.training_summary = meta.get("training")
         self._adopt(hypernet)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,17 @@ from safetensors.torch import save_file
 from torch import nn
 
 from editkit.errors import HypernetworkMismatchError, HypernetworkMissingError
-from editkit.patch import tensor_fingerprint
+from editkit.patch import tensor_fingerprint, tensors_digest
+
+logger = logging.getLogger(__name__)
 
 HYPERNET_FILE = "hypernet.safetensors"
 CONFIG_FILE = "hypernet.json"
-FORMAT_VERSION = 1
+#: Version 2 added ``tensors_digest`` (sha256 of every tensor of the hypernetwork).
+FORMAT_VERSION = 2
+#: Hyperparameters that are the caller's policy, never the file's: a hypernetwork directory
+#: must not be able to switch off the guard that checks it.
+POLICY_FIELDS = ("check_fingerprint", "hypernet_path")
 
 
 def base_fingerprint(model: nn.Module, adapter, param_names: Sequence[str]) -> dict[str, Any]:
@@ -115,8 +122,10 @@ def save_hypernet(path: str | os.PathLike, hypernet: nn.Module, meta: Mapping[st
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / HYPERNET_FILE, hypernet.state_dict(), {"format": "pt"})
+    state = hypernet.state_dict()
     write_json(out / CONFIG_FILE, {"format_version": FORMAT_VERSION,
-                                   "editkit_version": __version__, **meta})
+                                   "editkit_version": __version__, **meta,
+                                   "tensors_digest": tensors_digest(dict(state))})
     return out
 
 
@@ -136,22 +145,118 @@ def load_hypernet_files(path: str | os.PathLike, method: str
     try:
         meta = json.loads((p / CONFIG_FILE).read_text(encoding="utf-8"))
         state = load_tensors(p / HYPERNET_FILE)
-    except Exception as exc:  # unreadable JSON or safetensors
+    except Exception as exc:  # unreadable JSON (also nested too deep) or safetensors
         raise HypernetworkMismatchError(
             f"{str(p)!r} does not hold a readable hypernetwork ({type(exc).__name__}: {exc}); "
             "retrain it"
         ) from exc
+    meta = _checked_meta(meta, p, method)
+    digest = meta.get("tensors_digest")
+    if digest is not None and tensors_digest(state) != digest:
+        raise HypernetworkMismatchError(
+            f"the tensors in {str(p / HYPERNET_FILE)!r} do not match the tensors_digest of "
+            f"{CONFIG_FILE}; the files were modified or corrupted after saving. Use an intact "
+            "copy or retrain the hypernetwork"
+        )
+    if digest is None:
+        logger.warning("%s has format_version 1 and no tensors_digest; its tensors cannot be "
+                       "verified (save it again to add one)", p)
+    for key, t in state.items():
+        if not t.is_floating_point():
+            raise HypernetworkMismatchError(
+                f"{str(p / HYPERNET_FILE)!r}: tensor {key!r} has dtype {t.dtype}; a "
+                "hypernetwork holds floating-point tensors only. Use an intact copy or retrain"
+            )
+    return state, meta
+
+
+def _checked_meta(meta: Any, p: Path, method: str) -> dict[str, Any]:
+    """``hypernet.json`` checked against its schema, policy fields removed."""
+    where = repr(str(p / CONFIG_FILE))
+    if not isinstance(meta, dict):
+        raise HypernetworkMismatchError(
+            f"{where} must hold a JSON object, got {type(meta).__name__}; retrain the "
+            "hypernetwork")
     if meta.get("method") != method:
         raise HypernetworkMismatchError(
             f"{str(p)!r} holds a {meta.get('method')!r} hypernetwork, not a {method!r} one; "
             f"load it with the {meta.get('method')!r} editor or train a {method} hypernetwork"
         )
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise HypernetworkMismatchError(
-            f"{str(p)!r} was written by a newer editkit (format {meta.get('format_version')}); "
-            "upgrade editkit"
+            f"{where}: format_version must be a positive integer, got {version!r}; retrain "
+            "the hypernetwork")
+    if version > FORMAT_VERSION:
+        raise HypernetworkMismatchError(
+            f"{str(p)!r} was written by a newer editkit (format {version}, this one reads up "
+            f"to {FORMAT_VERSION}); upgrade editkit"
         )
-    return state, meta
+    for key, kind in (("hparams", dict), ("base", dict), ("edited_parameters", dict),
+                      ("training", dict), ("tensors_digest", str)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise HypernetworkMismatchError(
+                f"{where}: {key!r} must be a {kind.__name__}, got {type(meta[key]).__name__}; "
+                "retrain the hypernetwork")
+    if version >= 2 and not meta.get("tensors_digest"):
+        raise HypernetworkMismatchError(
+            f"{where} has format_version {version} but no tensors_digest, so its tensors "
+            "cannot be verified; use an intact copy or retrain the hypernetwork")
+    hparams = dict(meta.get("hparams") or {})
+    ignored = [k for k in POLICY_FIELDS if k in hparams]
+    if ignored:
+        logger.info("%s: ignoring %s from the file; that policy is the caller's", where, ignored)
+    meta = dict(meta)
+    meta["hparams"] = {k: v for k, v in hparams.items() if k not in POLICY_FIELDS}
+    return meta
+
+
+def check_hypernet_fits(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor],
+                        hparams: Any, widths: Sequence[tuple[int, int]], where: str) -> None:
+    """Refuse, before anything is allocated, a hypernetwork whose sizes do not fit.
+
+    ``rank`` may not exceed the widest edited weight (``d_out + d_in``): beyond it a
+    low-rank layer stops being low rank, and a tampered value would otherwise allocate
+    gigabytes. Then the architecture is built on the ``meta`` device (no memory) and its
+    tensor names and shapes compared with the file's.
+    """
+    limit = max((d_out + d_in for d_out, d_in in widths), default=0)
+    rank = getattr(hparams, "rank", None)
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)
+                             or not 1 <= rank <= limit):
+        raise HypernetworkMismatchError(
+            f"the hypernetwork in {where} asks for rank={rank!r}; for this model it must be an "
+            f"integer between 1 and {limit} (the widest edited weight, d_out + d_in). Use an "
+            "intact copy or retrain the hypernetwork"
+        )
+    blocks = getattr(hparams, "n_blocks", None)
+    if blocks is not None and (not isinstance(blocks, int) or isinstance(blocks, bool)
+                               or not 1 <= blocks <= len(state)):
+        # Each block owns tensors, so the file bounds the count (and the time to build it).
+        raise HypernetworkMismatchError(
+            f"the hypernetwork in {where} asks for n_blocks={blocks!r}; its file holds "
+            f"{len(state)} tensors, so it must be an integer between 1 and {len(state)}. Use "
+            "an intact copy or retrain the hypernetwork"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except Exception as exc:  # an op without a meta kernel: load_state_dict still checks
+        logger.debug("cannot build the hypernetwork on the meta device (%s); skipping the "
+                     "shape pre-check", exc)
+        return
+    expected = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
+    stored = {k: tuple(t.shape) for k, t in state.items()}
+    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
+    if missing or extra or wrong:
+        detail = (f"tensor {wrong[0]!r} should have shape {expected[wrong[0]]} but the file "
+                  f"holds {stored[wrong[0]]}" if wrong else
+                  f"missing tensors {missing[:3]}, unexpected tensors {extra[:3]}")
+        raise HypernetworkMismatchError(
+            f"the hypernetwork in {where} does not fit the architecture its hyperparameters "
+            f"build ({detail}); use an intact copy or retrain it"
+        )
 
 
 def shipped_dir(method: str) -> Path:
@@ -178,5 +283,6 @@ def find_shipped_hypernet(method: str, model: nn.Module, adapter
                 adapter.num_layers(model) or not names or any(n not in params for n in names):
             continue
         if base_fingerprint(model, adapter, names)["digest"] == base.get("digest"):
-            return cfg.parent, dict(meta.get("hparams", {}))
+            hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
+            return cfg.parent, {k: v for k, v in hparams.items() if k not in POLICY_FIELDS}
     return None
