@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, overload
 
 import torch
@@ -35,8 +37,15 @@ from editkit.patch import Delta, Patch
 from editkit.protocols import AdapterLike, TokenizerLike
 from editkit.registry import get_adapter
 from editkit.requests import EditRequest, as_request_list
+from editkit.tokens import check_fits_context
 
 logger = logging.getLogger(__name__)
+
+
+def _hub_offline() -> bool:
+    """Whether the user asked the HuggingFace clients not to touch the network."""
+    flags = (os.environ.get(n, "") for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 _edit_ids = itertools.count(1)
 
@@ -151,6 +160,7 @@ class Editor(ABC):
         self.model = model
         self.adapter = adapter if adapter is not None else get_adapter(model)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(model)
+        self._check_tokenizer()
         if hparams is None:
             hparams = self.hparams_class.for_model(model, self.adapter)
         elif isinstance(hparams, dict):
@@ -166,16 +176,64 @@ class Editor(ABC):
 
     @staticmethod
     def _load_tokenizer(model: nn.Module):
-        name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+        name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+        fix = "pass tokenizer=AutoTokenizer.from_pretrained(<the model's directory or hub id>)"
+        if not name:
+            raise TokenizerError(f"no tokenizer given and the model has no name_or_path to load "
+                                 f"one from; {fix}")
         try:
             from transformers import AutoTokenizer
-
+        except ImportError as exc:
+            raise TokenizerError(f"no tokenizer given and transformers is not importable; {fix}"
+                                 ) from exc
+        # Local files first: a directory or a cached hub id loads in milliseconds, and an
+        # offline machine must not sit through the hub client's retries (~47 s) to fail.
+        try:
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception as exc:
+            local_error = exc
+        if _hub_offline() or Path(name).exists():
+            why = ("offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if _hub_offline()
+                   else "the directory has no readable tokenizer files")
+            raise TokenizerError(
+                f"no tokenizer given and none could be loaded from {name!r}: {why} "
+                f"({type(local_error).__name__}: {str(local_error)[:200]}); {fix}"
+            ) from local_error
+        try:
             return AutoTokenizer.from_pretrained(name)
         except Exception as exc:
             raise TokenizerError(
-                f"no tokenizer given and none could be loaded from {name!r} ({exc}); pass "
-                "tokenizer=AutoTokenizer.from_pretrained(<model dir>)"
+                f"no tokenizer given and none could be loaded from {name!r} ({exc}); {fix}, or "
+                "set HF_HUB_OFFLINE=1 to fail at once without network"
             ) from exc
+
+    def _check_tokenizer(self) -> None:
+        """Refuse a tokenizer that does not belong to the model, before any work.
+
+        A tokenizer with more tokens than the embedding has rows would index past it (a raw
+        ``IndexError`` mid-edit). One with fewer is normal when the embedding is padded to a
+        round size (GPT-J: 50257 of 50400 rows, Phi-2: 50295 of 51200), so up to 10 % of the
+        rows may be unused; a smaller tokenizer than that is another model's and would
+        silently edit the wrong tokens.
+        """
+        embedding = getattr(self.model, "get_input_embeddings", None)
+        weight = getattr(embedding() if callable(embedding) else None, "weight", None)
+        try:
+            size = len(self.tokenizer)  # type: ignore[arg-type]
+        except TypeError:
+            size = getattr(self.tokenizer, "vocab_size", None)
+        if weight is None or not isinstance(size, int) or weight.dim() != 2:
+            return
+        rows = int(weight.shape[0])
+        if size > rows:
+            raise TokenizerError(
+                f"the tokenizer has {size} tokens but the model's embedding has only {rows} rows; "
+                "it belongs to another model: pass the model's own tokenizer (tokenizer=)")
+        if size < 0.9 * rows:
+            raise TokenizerError(
+                f"the tokenizer has {size} tokens but the model's embedding has {rows} rows "
+                f"({rows - size} unused, more than padding explains); it belongs to another "
+                "model: pass the model's own tokenizer (tokenizer=)")
 
     # ------------------------------------------------------ subclass surface
     def _prepare(self) -> None:  # noqa: B027 - optional hook, empty by default
@@ -191,6 +249,17 @@ class Editor(ABC):
 
     def validate_requests(self, requests: list[EditRequest]) -> None:  # noqa: B027
         """Reject requests this method cannot edit, before any work; optional."""
+
+    def context_reserve(self) -> int:
+        """Tokens a method puts before a request's prompt (context prefixes); default 0."""
+        return 0
+
+    def check_request_lengths(self, requests: list[EditRequest]) -> None:
+        """Refuse a request whose prompt and target do not fit the model's context."""
+        reserve = self.context_reserve()
+        check_fits_context(self.tokenizer, self.model,
+                           [f"{r.text} {r.target_new.strip()}" for r in requests],
+                           "the request (prompt and target_new)", reserve=reserve)
 
     # --------------------------------------------------------------- public
     def prepare(self) -> Editor:
@@ -242,8 +311,20 @@ class Editor(ABC):
         the whole sequence at once (one history entry).
         """
         items = as_request_list(requests)
-        self.validate_requests(items)
-        self.prepare()
+        try:
+            # Preparation (statistics, templates, factorising C) fails on the same bad
+            # settings as the edit itself; its errors get the same typed wrapping.
+            self.validate_requests(items)
+            self.check_request_lengths(items)
+            self.prepare()
+        except EditkitError:
+            raise
+        except Exception as exc:
+            raise EditFailedError(
+                f"{self.name} failed while preparing ({type(exc).__name__}: {exc}); the model "
+                "was left unchanged. Check the statistics settings (mom2_dataset, "
+                "mom2_n_samples, mom2_max_length) or pass stats_texts= / covariances="
+            ) from exc
         groups = [[r] for r in items] if self.sequential else [items]
         history = EditHistory.of(self.model)
         params = dict(self.model.named_parameters())

@@ -51,6 +51,20 @@ logger = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 #: Name of the JSON file with fingerprint, settings and metrics in a model dir.
 META_FILE = "fact_world.json"
+#: Config field that names an editkit testbed model, and its value for the fact world. It is
+#: written into ``config.json`` by ``save_pretrained``, so a saved copy of the fact world
+#: keeps its identity (and its presets) without the ``fact_world.json`` sidecar.
+IDENTITY_FIELD = "editkit_model"
+FACT_WORLD_ID = "fact-world"
+
+
+def mark_fact_world(model: Any, fingerprint: str | None = None) -> None:
+    """Record in ``model.config`` that it is the fact-world model (of ``fingerprint``)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, IDENTITY_FIELD, FACT_WORLD_ID)
+        if fingerprint is not None:
+            config.editkit_world_fingerprint = fingerprint
 #: Bumped when the training procedure changes in a way the settings do not show.
 TRAIN_FORMAT_VERSION = 1
 
@@ -560,6 +574,7 @@ def train_fact_world(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        mark_fact_world(model, meta["world_fingerprint"])
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _portable_tokenizer_config(tmp)

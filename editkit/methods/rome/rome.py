@@ -30,20 +30,39 @@ from editkit.requests import EditRequest, as_request_list
 
 logger = logging.getLogger(__name__)
 
+#: What to change when C cannot be inverted: it was estimated from too little or too uniform
+#: text (fewer distinct keys than its dimension).
+SINGULAR_FIX = ("estimate it from more text (raise mom2_n_samples) or from another text "
+                "source (mom2_dataset or stats_texts=), or pass a full-rank covariance=")
+
 
 class KeySolver:
     """``u = (λC)⁻¹ k`` by an LU factorisation of ``λC`` computed once (float64, no inverse)."""
 
-    def __init__(self, cov: torch.Tensor, weight: float = 1.0) -> None:
+    def __init__(self, cov: torch.Tensor, weight: float = 1.0, layer: int | None = None
+                 ) -> None:
         c = cov.detach().to(device="cpu", dtype=torch.float64) * float(weight)
         if c.dim() != 2 or c.shape[0] != c.shape[1]:
             raise StatsError(f"the key covariance must be square, got shape {tuple(c.shape)}")
         self.dim = c.shape[0]
-        self.lu, self.pivots = torch.linalg.lu_factor(c)
+        self.where = "" if layer is None else f" of layer {layer}"
+        if not bool(torch.isfinite(c).all()):
+            raise StatsError(f"the key covariance C{self.where} holds NaN or inf; "
+                             f"{SINGULAR_FIX}")
+        lu, pivots, info = torch.linalg.lu_factor_ex(c)
+        if int(info) != 0:
+            raise StatsError(
+                f"the key covariance C{self.where} is singular (pivot {int(info)} of {self.dim} "
+                f"is zero), so C⁻¹k cannot be solved; {SINGULAR_FIX}")
+        self.lu, self.pivots = lu, pivots
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:
         k64 = k.detach().to(device="cpu", dtype=torch.float64)
-        return torch.linalg.lu_solve(self.lu, self.pivots, k64[:, None])[:, 0]
+        u = torch.linalg.lu_solve(self.lu, self.pivots, k64[:, None])[:, 0]
+        if not bool(torch.isfinite(u).all()):
+            raise StatsError(f"solving C⁻¹k with the key covariance C{self.where} gave NaN or "
+                             f"inf: C is too ill-conditioned; {SINGULAR_FIX}")
+        return u
 
 
 def left_vector(cov: torch.Tensor | KeySolver | None, k_star: torch.Tensor,
@@ -141,7 +160,8 @@ class ROME(LocateEditor):
                     f"covariance has shape {tuple(cov.shape)} but layer {hp.layer}'s keys have "
                     f"{d_in} dimensions; pass the statistics of that layer"
                 )
-            self._solver = KeySolver(cov.to(getattr(torch, hp.mom2_dtype)), hp.mom2_update_weight)
+            self._solver = KeySolver(cov.to(getattr(torch, hp.mom2_dtype)), hp.mom2_update_weight,
+                                     layer=hp.layer)
         self.prepare_timings = {"templates": t1 - t0, "stats": time.perf_counter() - t1}
 
     def _weight(self) -> torch.Tensor:
