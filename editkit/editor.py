@@ -31,7 +31,13 @@ from typing import Any, ClassVar, Literal, overload
 import torch
 from torch import nn
 
-from editkit.errors import EditFailedError, EditkitError, HistoryError, TokenizerError
+from editkit.errors import (
+    EditFailedError,
+    EditkitError,
+    HistoryError,
+    InvalidHyperParamsError,
+    TokenizerError,
+)
 from editkit.hparams import HyperParams
 from editkit.patch import Delta, Patch
 from editkit.protocols import AdapterLike, TokenizerLike
@@ -166,10 +172,11 @@ class Editor(ABC):
         elif isinstance(hparams, dict):
             hparams = self.hparams_class.from_dict(hparams)
         elif not isinstance(hparams, self.hparams_class):
-            raise EditkitError(
+            raise InvalidHyperParamsError(
                 f"{type(self).__name__} needs {self.hparams_class.__name__}, got "
                 f"{type(hparams).__name__}"
             )
+        hparams.check_types()
         hparams.validate(model, self.adapter)
         self.hparams = hparams
         self._prepared = False
