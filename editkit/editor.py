@@ -204,7 +204,8 @@ class Editor(ABC):
                    else "the directory has no readable tokenizer files")
             raise TokenizerError(
                 f"no tokenizer given and none could be loaded from {name!r}: {why} "
-                f"({type(local_error).__name__}: {str(local_error)[:200]}); {fix}"
+                f"({type(local_error).__name__}: {' '.join(str(local_error).split())[:200]}); "
+                f"{fix}"
             ) from local_error
         try:
             return AutoTokenizer.from_pretrained(name)
