@@ -284,7 +284,7 @@ def test_hub_name_without_tokenizer_fails_fast_offline(tmp_path):
 
 
 @pytest.mark.slow
-def test_saved_fact_world_keeps_its_presets(tmp_path):
+def test_saved_fact_world_keeps_its_presets(tmp_path, monkeypatch):
     """``save_pretrained`` of the fact world keeps its identity: the CLI on the saved copy
     uses the fact-world presets (p(new) ≈ 0.99), not the generic defaults that once crashed
     with an IndexError (mom2_max_length 128 on 64 positions) and then scored 0.53."""
@@ -299,7 +299,8 @@ def test_saved_fact_world_keeps_its_presets(tmp_path):
     reloaded = type(model).from_pretrained(out)
     assert is_fact_world_model(reloaded)
     rw = FactWorld().records(n=1)[0]["requested_rewrite"]
-    os.environ.setdefault("EDITKIT_CACHE", str(tmp_path / "cache"))
+    if "EDITKIT_CACHE" not in os.environ:  # keep the statistics out of the user's cache
+        monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path / "cache"))
     code, stdout, stderr = run_cli([
         "edit", "--model", str(out), "--method", "rome", "--prompt", rw["prompt"],
         "--subject", rw["subject"], "--target", rw["target_new"]["str"]])
