@@ -27,6 +27,7 @@ from conftest import tiny_model
 import editkit
 from editkit import EditRequest
 from editkit.methods._learned.hparams import LearnedTrainConfig
+from editkit.methods.alphaedit import AlphaEdit, AlphaEditHyperParams
 from editkit.methods.ft import FT, FTHyperParams
 from editkit.methods.memit import MEMIT, MEMITHyperParams
 from editkit.methods.rome import ROME, ROMEHyperParams
@@ -77,6 +78,12 @@ def memit(env: Env, covariance: torch.Tensor | None = None) -> MEMIT:
     params = MEMITHyperParams(layers=(1,), mom2_update_weight=1.0, value={"num_grad_steps": 2})
     cov = torch.eye(D_KEY) if covariance is None else covariance
     return MEMIT(env.model, env.tok, params, context_templates=TEMPLATES, covariances={1: cov})
+
+
+def alphaedit(env: Env, covariance: torch.Tensor) -> AlphaEdit:
+    params = AlphaEditHyperParams(layers=(1,), value={"num_grad_steps": 2})
+    return AlphaEdit(env.model, env.tok, params, context_templates=TEMPLATES,
+                     covariances={1: covariance})
 
 
 def request(**changes) -> EditRequest:
@@ -150,6 +157,12 @@ CASES = [
         editkit.InvalidHyperParamsError, ("lr", "nan", "finite number")),
     Bad("inf clamp given to ROME", lambda e: rome(e, value={"clamp_norm_factor": INF}),
         editkit.InvalidHyperParamsError, ("clamp_norm_factor", "inf", "finite number")),
+    Bad("unknown key in a dict given to the editor",
+        lambda e: ROME(e.model, e.tok, {"layr": 1}, covariance=torch.eye(D_KEY)),
+        editkit.InvalidHyperParamsError, ("layr", "spelling")),
+    Bad("hparams JSON nested too deeply",
+        lambda e: ROMEHyperParams.from_json('{"layer": ' + "[" * 100_000),
+        editkit.InvalidHyperParamsError, ("nested too deeply", "fix")),
     Bad("NaN training learning rate", lambda e: LearnedTrainConfig(lr=NAN),
         editkit.InvalidHyperParamsError, ("lr", "nan", "finite number")),
     # ------------------------------------------------------- context size
@@ -173,6 +186,12 @@ CASES = [
     Bad("singular system (MEMIT, C = 0)",
         lambda e: memit(e, covariance=torch.zeros(D_KEY, D_KEY)).apply(request()),
         editkit.StatsError, ("singular", "mom2_n_samples")),
+    Bad("NaN covariance (AlphaEdit)",
+        lambda e: alphaedit(e, torch.full((D_KEY, D_KEY), NAN)).apply(request()),
+        editkit.StatsError, ("NaN", "mom2_n_samples")),
+    Bad("singular system (AlphaEdit, C = 0)",
+        lambda e: alphaedit(e, torch.zeros(D_KEY, D_KEY)).apply(request()),
+        editkit.StatsError, ("singular", "raise l2", "mom2_n_samples")),
     Bad("statistics source fails while read",
         lambda e: ROME(e.model, e.tok, ROMEHyperParams(layer=1, mom2_n_samples=5),
                        context_templates=TEMPLATES, stats_texts=failing_texts(),
@@ -202,7 +221,7 @@ def test_bad_input_is_refused(case: Bad, env: Env):
 
 
 def test_table_is_large_and_distinct():
-    assert len(CASES) >= 25
+    assert len(CASES) >= 30
     assert len({c.id for c in CASES}) == len(CASES)
 
 

@@ -31,6 +31,11 @@ from editkit.tokens import context_length, encode
 
 logger = logging.getLogger(__name__)
 
+#: What to change when C (or a system built on it) cannot be inverted: C was estimated from
+#: too little or too uniform text (fewer distinct keys than its dimension).
+SINGULAR_FIX = ("estimate C from more text (raise mom2_n_samples) or from another text "
+                "source (mom2_dataset or stats_texts=), or pass full-rank covariances")
+
 
 def describe_texts(source: Any) -> Any:
     """A JSON-able identity of a statistics text source: names and paths as given, text

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from editkit.errors import InvalidRequestError, StatsError
-from editkit.methods._locate.editor import LocateEditor
+from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import fact_token_index, keys_at
 from editkit.methods._locate.templates import apply_template
 from editkit.methods._locate.values import compute_value
@@ -83,8 +83,7 @@ def solve_layer_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tenso
     if int(info) != 0 or not bool(torch.isfinite(solved).all()):
         raise StatsError(
             f"λC + KKᵀ (λ = {lam}) is singular or ill-conditioned, so the update cannot be "
-            "solved; estimate C from more text (raise mom2_n_samples) or from another text "
-            "source (mom2_dataset or stats_texts=), or raise mom2_update_weight")
+            f"solved; raise mom2_update_weight, or {SINGULAR_FIX}")
     return r, solved
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from editkit.errors import EditFailedError, InvalidRequestError, StatsError
-from editkit.methods._locate.editor import LocateEditor
+from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import KeyResult, compute_key
 from editkit.methods._locate.values import ValueResult, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams
@@ -29,11 +29,6 @@ from editkit.patch import Patch
 from editkit.requests import EditRequest, as_request_list
 
 logger = logging.getLogger(__name__)
-
-#: What to change when C cannot be inverted: it was estimated from too little or too uniform
-#: text (fewer distinct keys than its dimension).
-SINGULAR_FIX = ("estimate it from more text (raise mom2_n_samples) or from another text "
-                "source (mom2_dataset or stats_texts=), or pass a full-rank covariance=")
 
 
 class KeySolver:
