@@ -236,6 +236,12 @@ def test_statistics_clipped_to_the_context(env: Env):
     assert editor.statistics_length() == 128
     editor.apply(request())
     assert len(editor.history) == 1
+    # editkit.stats on its own clips too (the `editkit stats --max-length` path).
+    from editkit.stats import second_moment
+
+    cov = second_moment(env.model, 1, [text] * 2, tokenizer=env.tok, max_length=4096,
+                        use_cache=False, progress=False)
+    assert cov[1].shape == (D_KEY, D_KEY) and bool(torch.isfinite(cov[1]).all())
 
 
 def test_corrupt_template_cache_is_rebuilt(env: Env, caplog):
