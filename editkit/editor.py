@@ -20,7 +20,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -52,6 +54,20 @@ def _hub_offline() -> bool:
     """Whether the user asked the HuggingFace clients not to touch the network."""
     flags = (os.environ.get(n, "") for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one quick connection attempt), or None if it can or a
+    proxy decides. The hub client retries an unreachable host for ~47 s before failing."""
+    if any(os.environ.get(n) for n in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port} is unreachable ({exc})"
+    return None
 
 _edit_ids = itertools.count(1)
 
@@ -199,9 +215,10 @@ class Editor(ABC):
             return AutoTokenizer.from_pretrained(name, local_files_only=True)
         except Exception as exc:
             local_error = exc
-        if _hub_offline() or Path(name).exists():
-            why = ("offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if _hub_offline()
-                   else "the directory has no readable tokenizer files")
+        why = ("offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if _hub_offline()
+               else "the directory has no readable tokenizer files" if Path(name).exists()
+               else _hub_unreachable())
+        if why is not None:
             raise TokenizerError(
                 f"no tokenizer given and none could be loaded from {name!r}: {why} "
                 f"({type(local_error).__name__}: {' '.join(str(local_error).split())[:200]}); "

@@ -356,3 +356,24 @@ def test_offline_check_is_fast_in_process(env: Env, monkeypatch):
     with pytest.raises(editkit.TokenizerError, match="tokenizer="):
         FT(env.model, None, FTHyperParams(layer=1))
     assert time.perf_counter() - start < 5.0
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(env: Env, monkeypatch):
+    """No HF_HUB_OFFLINE, but the hub host cannot be reached: one quick connection attempt
+    decides, instead of the hub client's ~47 s of retries."""
+    import socket
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HTTPS_PROXY", "https_proxy",
+                 "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    env.model.config.name_or_path = "editkit-test/no-such-model-xyz"
+    start = time.perf_counter()
+    with pytest.raises(editkit.TokenizerError, match="unreachable") as info:
+        FT(env.model, None, FTHyperParams(layer=1))
+    assert time.perf_counter() - start < 5.0
+    assert "tokenizer=" in str(info.value)
