@@ -151,9 +151,12 @@ def _conforms(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
+    """What to give for ``hint``, with its article: ``"an integer"``, ``"a finite number"``."""
     text = str(hint).replace("typing.", "")
-    return {"<class 'float'>": "finite number", "<class 'int'>": "integer",
-            "<class 'bool'>": "boolean (true/false)", "<class 'str'>": "string"}.get(text, text)
+    return {"<class 'float'>": "a finite number", "<class 'int'>": "an integer",
+            "<class 'bool'>": "a boolean (true/false)", "<class 'str'>": "a string",
+            "float | None": "a finite number or null", "int | None": "an integer or null",
+            "str | None": "a string or null"}.get(text, f"a value of type {text}")
 
 
 class JSONDataclass:
@@ -184,7 +187,7 @@ class JSONDataclass:
                 bad = ("not finite" if isinstance(value, float) and not math.isfinite(value)
                        else f"a {type(value).__name__}")
                 raise InvalidHyperParamsError(
-                    f"{where}.{f.name}={value!r} is {bad}; give a {_describe(hints[f.name])}")
+                    f"{where}.{f.name}={value!r} is {bad}; give {_describe(hints[f.name])}")
 
     @classmethod
     def from_dict(cls: type[J], data: Mapping[str, Any]) -> J:
