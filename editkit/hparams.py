@@ -31,9 +31,19 @@ H = TypeVar("H", bound="HyperParams")
 J = TypeVar("J", bound="JSONDataclass")
 
 
+#: Config field naming what a model *is* (``"fact-world"``, ``"smollm2-135m-instruct"``),
+#: set by the loaders of known models. ``save_pretrained`` writes it into ``config.json``,
+#: so a saved copy in a directory of any name keeps its presets.
+IDENTITY_FIELD = "editkit_model"
+
+
 def model_name(model) -> str:
-    """Base name of a model (``gpt2-xl`` from ``openai-community/gpt2-xl`` or a path)."""
+    """Base name of a model: its ``config.editkit_model`` identity if a loader set one, else
+    the last part of ``name_or_path`` (``gpt2-xl`` from ``openai-community/gpt2-xl``)."""
     config = getattr(model, "config", None)
+    identity = getattr(config, IDENTITY_FIELD, None)
+    if isinstance(identity, str) and identity.strip():
+        return identity.strip().lower()
     name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""))
     return name.rstrip("/").split("/")[-1].lower()
 

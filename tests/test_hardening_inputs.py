@@ -349,6 +349,24 @@ def test_fact_world_identity_survives_save_pretrained(tmp_path):
     assert is_fact_world_model(T.GPT2LMHeadModel.from_pretrained(tmp_path))
 
 
+def test_identity_field_selects_presets_after_save_pretrained(tmp_path):
+    """A saved copy of a known model (here named as SmolLM2) in a directory of any name
+    keeps the presets its loader's identity selects; name_or_path alone would not."""
+    import transformers as T
+
+    import editkit.testbed  # noqa: F401 - registers the testbed presets
+    from editkit.hparams import IDENTITY_FIELD, find_preset, model_name
+
+    config = T.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                           num_attention_heads=2, vocab_size=32)
+    model = T.LlamaForCausalLM(config)
+    setattr(model.config, IDENTITY_FIELD, "smollm2-135m-instruct")
+    model.save_pretrained(tmp_path / "my-copy")
+    copy = T.LlamaForCausalLM.from_pretrained(tmp_path / "my-copy")
+    assert model_name(copy) == "smollm2-135m-instruct"
+    assert find_preset("rome", copy).model == "smollm2-135m-instruct"
+
+
 def test_offline_check_is_fast_in_process(env: Env, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     env.model.config.name_or_path = "editkit-test/no-such-model-xyz"

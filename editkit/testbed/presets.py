@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from editkit.hparams import Preset, register_preset
-from editkit.testbed.train import FACT_WORLD_ID, IDENTITY_FIELD, META_FILE
+from editkit.hparams import IDENTITY_FIELD, Preset, register_preset
+from editkit.testbed.train import FACT_WORLD_ID, META_FILE
 
 #: SmolLM2-135M's ROME layer (of 30), MEMIT's layers and λ: see docs/smollm2.md.
 SMOLLM2_ROME_LAYER = 3

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from editkit.hparams import IDENTITY_FIELD
 from editkit.testbed.world import FactWorld, _stable_hash
 
 __all__ = [
@@ -51,10 +52,9 @@ logger = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 #: Name of the JSON file with fingerprint, settings and metrics in a model dir.
 META_FILE = "fact_world.json"
-#: Config field that names an editkit testbed model, and its value for the fact world. It is
-#: written into ``config.json`` by ``save_pretrained``, so a saved copy of the fact world
-#: keeps its identity (and its presets) without the ``fact_world.json`` sidecar.
-IDENTITY_FIELD = "editkit_model"
+#: The fact world's identity in ``config.editkit_model`` (``editkit.hparams.IDENTITY_FIELD``):
+#: ``save_pretrained`` writes it into ``config.json``, so a saved copy of the fact world keeps
+#: its presets without the ``fact_world.json`` sidecar of the directory it was loaded from.
 FACT_WORLD_ID = "fact-world"
 
 
