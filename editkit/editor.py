@@ -294,9 +294,22 @@ class Editor(ABC):
         edit's timing. Returns the editor.
         """
         if not self._prepared:
-            self._prepare()
+            try:
+                self._prepare()
+            except EditkitError:
+                raise
+            except Exception as exc:
+                raise self._preparation_failed(exc) from exc
             self._prepared = True
         return self
+
+    def _preparation_failed(self, exc: Exception) -> EditFailedError:
+        # Statistics, templates and factorising C fail on the same bad settings as the edit
+        # itself; the error says which settings to change.
+        return EditFailedError(
+            f"{self.name} failed while preparing ({type(exc).__name__}: {exc}); the model was "
+            "left unchanged. Check the statistics settings (mom2_dataset, mom2_n_samples, "
+            "mom2_max_length) or pass stats_texts= / covariances=")
 
     @property
     def history(self) -> list[AppliedEdit]:
@@ -337,19 +350,16 @@ class Editor(ABC):
         """
         items = as_request_list(requests)
         try:
-            # Preparation (statistics, templates, factorising C) fails on the same bad
-            # settings as the edit itself; its errors get the same typed wrapping.
             self.validate_requests(items)
             self.check_request_lengths(items)
-            self.prepare()
         except EditkitError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a plugin's check that raised a builtin error
             raise EditFailedError(
-                f"{self.name} failed while preparing ({type(exc).__name__}: {exc}); the model "
-                "was left unchanged. Check the statistics settings (mom2_dataset, "
-                "mom2_n_samples, mom2_max_length) or pass stats_texts= / covariances="
-            ) from exc
+                f"{self.name} failed while checking the requests ({type(exc).__name__}: {exc});"
+                " the model was left unchanged. Fix the requests or the method's "
+                "validate_requests()") from exc
+        self.prepare()
         groups = [[r] for r in items] if self.sequential else [items]
         history = EditHistory.of(self.model)
         params = dict(self.model.named_parameters())
