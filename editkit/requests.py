@@ -69,7 +69,7 @@ def _check_strings(name: str, values: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """Rewrite ``prompt.format(subject)`` → ``target_new``.
+    """Rewrite ``prompt`` with its ``{}`` replaced by ``subject`` → ``target_new``.
 
     ``prompt`` has exactly one ``{}``, the subject's place (``"{} plays the sport of"``).
     Targets are plain strings ("football"); they are scored with a leading space as the papers
