@@ -279,12 +279,21 @@ class Editor(ABC):
         """Tokens a method puts before a request's prompt (context prefixes); default 0."""
         return 0
 
-    def check_request_lengths(self, requests: list[EditRequest]) -> None:
-        """Refuse a request whose prompt and target do not fit the model's context."""
-        reserve = self.context_reserve()
+    def check_request_lengths(self, requests: Sequence[EditRequest]) -> None:
+        """Refuse a request whose prompt (behind this method's context prefixes), or one of
+        whose evaluation prompts, does not fit the model's context with its target: every
+        forward over it would index past the position embedding. Call it before running the
+        model on the requests' prompts yourself (``apply`` does)."""
+        items = as_request_list(requests)
         check_fits_context(self.tokenizer, self.model,
-                           [f"{r.text} {r.target_new.strip()}" for r in requests],
-                           "the request (prompt and target_new)", reserve=reserve)
+                           [f"{r.text} {r.target_new.strip()}" for r in items],
+                           "the request (prompt and target_new)", reserve=self.context_reserve())
+        for kind in ("paraphrases", "neighborhood"):
+            check_fits_context(
+                self.tokenizer, self.model,
+                [f"{p} {(r.target_new if kind == 'paraphrases' else r.target_true or '').strip()}"
+                 for r in items for p in getattr(r, kind)],
+                f"the evaluation prompt ({kind}) with its target")
 
     # --------------------------------------------------------------- public
     def prepare(self) -> Editor:

@@ -173,6 +173,10 @@ CASES = [
     Bad("prompt plus prefixes longer than the context (ROME)",
         lambda e: rome(e).apply(request(prompt="{} " + "went on and on " * 30 + "plays")),
         editkit.InvalidRequestError, ("128", "context prefixes", "shorten")),
+    Bad("paraphrase longer than the context",
+        lambda e: FT(e.model, e.tok, FTHyperParams(layer=1, num_steps=1)).apply(
+            request(paraphrases=[LONG_PROMPT.replace("{}", "LeBron James")])),
+        editkit.InvalidRequestError, ("paraphrases", "128", "shorten")),
     Bad("context prefix longer than the context",
         lambda e: rome(e, value={"context_template_length_params": [[100, 2]]}),
         editkit.InvalidHyperParamsError, ("100", "128", "lengths below")),
