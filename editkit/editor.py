@@ -20,11 +20,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, overload
 
 import torch
@@ -34,6 +37,7 @@ from editkit.errors import (
     EditFailedError,
     EditkitError,
     HistoryError,
+    InvalidHyperParamsError,
     PatchMismatchError,
     TokenizerError,
 )
@@ -42,8 +46,29 @@ from editkit.patch import Delta, Patch, load_patch
 from editkit.protocols import AdapterLike, TokenizerLike
 from editkit.registry import get_adapter
 from editkit.requests import EditRequest, as_request_list
+from editkit.tokens import check_fits_context
 
 logger = logging.getLogger(__name__)
+
+
+def _hub_offline() -> bool:
+    """Whether the user asked the HuggingFace clients not to touch the network."""
+    flags = (os.environ.get(n, "") for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one quick connection attempt), or None if it can or a
+    proxy decides. The hub client retries an unreachable host for ~47 s before failing."""
+    if any(os.environ.get(n) for n in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port} is unreachable ({exc})"
+    return None
 
 _edit_ids = itertools.count(1)
 
@@ -183,31 +208,83 @@ class Editor(ABC):
         self.model = model
         self.adapter = adapter if adapter is not None else get_adapter(model)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(model)
+        self._check_tokenizer()
         if hparams is None:
             hparams = self.hparams_class.for_model(model, self.adapter)
         elif isinstance(hparams, dict):
             hparams = self.hparams_class.from_dict(hparams)
         elif not isinstance(hparams, self.hparams_class):
-            raise EditkitError(
+            raise InvalidHyperParamsError(
                 f"{type(self).__name__} needs {self.hparams_class.__name__}, got "
                 f"{type(hparams).__name__}"
             )
+        hparams.check_types()
         hparams.validate(model, self.adapter)
         self.hparams = hparams
         self._prepared = False
 
     @staticmethod
     def _load_tokenizer(model: nn.Module):
-        name = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+        name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+        fix = "pass tokenizer=AutoTokenizer.from_pretrained(<the model's directory or hub id>)"
+        if not name:
+            raise TokenizerError(f"no tokenizer given and the model has no name_or_path to load "
+                                 f"one from; {fix}")
         try:
             from transformers import AutoTokenizer
-
+        except ImportError as exc:
+            raise TokenizerError(f"no tokenizer given and transformers is not importable; {fix}"
+                                 ) from exc
+        # Local files first: a directory or a cached hub id loads in milliseconds, and an
+        # offline machine must not sit through the hub client's retries (~47 s) to fail.
+        try:
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception as exc:
+            local_error = exc
+        why = ("offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if _hub_offline()
+               else "the directory has no readable tokenizer files" if Path(name).exists()
+               else _hub_unreachable())
+        if why is not None:
+            raise TokenizerError(
+                f"no tokenizer given and none could be loaded from {name!r}: {why} "
+                f"({type(local_error).__name__}: {' '.join(str(local_error).split())[:200]}); "
+                f"{fix}"
+            ) from local_error
+        try:
             return AutoTokenizer.from_pretrained(name)
         except Exception as exc:
             raise TokenizerError(
-                f"no tokenizer given and none could be loaded from {name!r} ({exc}); pass "
-                "tokenizer=AutoTokenizer.from_pretrained(<model dir>)"
+                f"no tokenizer given and none could be loaded from {name!r} ({exc}); {fix}, or "
+                "set HF_HUB_OFFLINE=1 to fail at once without network"
             ) from exc
+
+    def _check_tokenizer(self) -> None:
+        """Refuse a tokenizer that does not belong to the model, before any work.
+
+        A tokenizer with more tokens than the embedding has rows would index past it (a raw
+        ``IndexError`` mid-edit). One with fewer is normal when the embedding is padded to a
+        round size (GPT-J: 50257 of 50400 rows, Phi-2: 50295 of 51200), so up to 10 % of the
+        rows may be unused; a smaller tokenizer than that is another model's and would
+        silently edit the wrong tokens.
+        """
+        embedding = getattr(self.model, "get_input_embeddings", None)
+        weight = getattr(embedding() if callable(embedding) else None, "weight", None)
+        try:
+            size = len(self.tokenizer)  # type: ignore[arg-type]
+        except TypeError:
+            size = getattr(self.tokenizer, "vocab_size", None)
+        if weight is None or not isinstance(size, int) or weight.dim() != 2:
+            return
+        rows = int(weight.shape[0])
+        if size > rows:
+            raise TokenizerError(
+                f"the tokenizer has {size} tokens but the model's embedding has only {rows} rows; "
+                "it belongs to another model: pass the model's own tokenizer (tokenizer=)")
+        if size < 0.9 * rows:
+            raise TokenizerError(
+                f"the tokenizer has {size} tokens but the model's embedding has {rows} rows "
+                f"({rows - size} unused, more than padding explains); it belongs to another "
+                "model: pass the model's own tokenizer (tokenizer=)")
 
     # ------------------------------------------------------ subclass surface
     def _prepare(self) -> None:  # noqa: B027 - optional hook, empty by default
@@ -224,6 +301,26 @@ class Editor(ABC):
     def validate_requests(self, requests: list[EditRequest]) -> None:  # noqa: B027
         """Reject requests this method cannot edit, before any work; optional."""
 
+    def context_reserve(self) -> int:
+        """Tokens a method puts before a request's prompt (context prefixes); default 0."""
+        return 0
+
+    def check_request_lengths(self, requests: Sequence[EditRequest]) -> None:
+        """Refuse a request whose prompt (behind this method's context prefixes), or one of
+        whose evaluation prompts, does not fit the model's context with its target: every
+        forward over it would index past the position embedding. Call it before running the
+        model on the requests' prompts yourself (``apply`` does)."""
+        items = as_request_list(requests)
+        check_fits_context(self.tokenizer, self.model,
+                           [f"{r.text} {r.target_new.strip()}" for r in items],
+                           "the request (prompt and target_new)", reserve=self.context_reserve())
+        for kind in ("paraphrases", "neighborhood"):
+            check_fits_context(
+                self.tokenizer, self.model,
+                [f"{p} {(r.target_new if kind == 'paraphrases' else r.target_true or '').strip()}"
+                 for r in items for p in getattr(r, kind)],
+                f"the evaluation prompt ({kind}) with its target")
+
     # --------------------------------------------------------------- public
     def prepare(self) -> Editor:
         """Do the one-time work of this editor (statistics, templates, hypernetwork) now.
@@ -232,9 +329,22 @@ class Editor(ABC):
         edit's timing. Returns the editor.
         """
         if not self._prepared:
-            self._prepare()
+            try:
+                self._prepare()
+            except EditkitError:
+                raise
+            except Exception as exc:
+                raise self._preparation_failed(exc) from exc
             self._prepared = True
         return self
+
+    def _preparation_failed(self, exc: Exception) -> EditFailedError:
+        # Statistics, templates and factorising C fail on the same bad settings as the edit
+        # itself; the error says which settings to change.
+        return EditFailedError(
+            f"{self.name} failed while preparing ({type(exc).__name__}: {exc}); the model was "
+            "left unchanged. Check the statistics settings (mom2_dataset, mom2_n_samples, "
+            "mom2_max_length) or pass stats_texts= / covariances=")
 
     @property
     def history(self) -> list[AppliedEdit]:
@@ -274,7 +384,16 @@ class Editor(ABC):
         the whole sequence at once (one history entry).
         """
         items = as_request_list(requests)
-        self.validate_requests(items)
+        try:
+            self.validate_requests(items)
+            self.check_request_lengths(items)
+        except EditkitError:
+            raise
+        except Exception as exc:  # a plugin's check that raised a builtin error
+            raise EditFailedError(
+                f"{self.name} failed while checking the requests ({type(exc).__name__}: {exc});"
+                " the model was left unchanged. Fix the requests or the method's "
+                "validate_requests()") from exc
         self.prepare()
         groups = [[r] for r in items] if self.sequential else [items]
         history = EditHistory.of(self.model)

@@ -13,6 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import numbers
+import types
+import typing
 import warnings
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
@@ -27,9 +31,19 @@ H = TypeVar("H", bound="HyperParams")
 J = TypeVar("J", bound="JSONDataclass")
 
 
+#: Config field naming what a model *is* (``"fact-world"``, ``"smollm2-135m-instruct"``),
+#: set by the loaders of known models. ``save_pretrained`` writes it into ``config.json``,
+#: so a saved copy in a directory of any name keeps its presets.
+IDENTITY_FIELD = "editkit_model"
+
+
 def model_name(model) -> str:
-    """Base name of a model (``gpt2-xl`` from ``openai-community/gpt2-xl`` or a path)."""
+    """Base name of a model: its ``config.editkit_model`` identity if a loader set one, else
+    the last part of ``name_or_path`` (``gpt2-xl`` from ``openai-community/gpt2-xl``)."""
     config = getattr(model, "config", None)
+    identity = getattr(config, IDENTITY_FIELD, None)
+    if isinstance(identity, str) and identity.strip():
+        return identity.strip().lower()
     name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""))
     return name.rstrip("/").split("/")[-1].lower()
 
@@ -111,22 +125,101 @@ def find_preset(method: str, model) -> Preset | None:
     return max(candidates, key=lambda p: (p.matches is not None, len(p.model)))
 
 
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (numbers finite, ints not bools).
+
+    Covers what hyperparameter fields use: bool, int, float, str, ``X | None``, tuples and
+    lists of those, nested dataclasses; any other annotation is accepted as is.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        if origin is tuple and args:
+            return len(value) == len(args) and all(map(_conforms, value, args))
+        return not args or all(_conforms(v, args[0]) for v in value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    """What to give for ``hint``, with its article: ``"an integer"``, ``"a finite number"``."""
+    text = str(hint).replace("typing.", "")
+    return {"<class 'float'>": "a finite number", "<class 'int'>": "an integer",
+            "<class 'bool'>": "a boolean (true/false)", "<class 'str'>": "a string",
+            "float | None": "a finite number or null", "int | None": "an integer or null",
+            "str | None": "a string or null"}.get(text, f"a value of type {text}")
+
+
 class JSONDataclass:
-    """JSON round trip for dataclasses, stamped with the editkit version; unknown keys warn."""
+    """JSON round trip for dataclasses, stamped with the editkit version.
+
+    Reading is strict: an unknown key, a value of the wrong type or a non-finite number is an
+    :class:`InvalidHyperParamsError` naming the field (a typo would otherwise silently leave
+    the default in place, and NaN would only fail deep inside an edit).
+    """
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check_types(self, prefix: str | None = None) -> None:
+        """Raise :class:`InvalidHyperParamsError` for a field whose value does not have its
+        annotated type (NaN and inf are not numbers here); nested configs are checked too."""
+        where = prefix or type(self).__name__
+        try:
+            hints = typing.get_type_hints(type(self))
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve is not checked
+            logger.debug("cannot resolve the annotations of %s", type(self).__name__)
+            return
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, JSONDataclass):
+                value.check_types(f"{where}.{f.name}")
+            elif f.name in hints and not _conforms(value, hints[f.name]):
+                bad = ("not finite" if isinstance(value, float) and not math.isfinite(value)
+                       else f"a {type(value).__name__}")
+                raise InvalidHyperParamsError(
+                    f"{where}.{f.name}={value!r} is {bad}; give {_describe(hints[f.name])}")
+
     @classmethod
     def from_dict(cls: type[J], data: Mapping[str, Any]) -> J:
-        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, Mapping):
+            raise InvalidHyperParamsError(
+                f"{cls.__name__} must be read from a JSON object (a dict of field: value), got "
+                f"{type(data).__name__} {str(data)[:80]!r}")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names - {"editkit_version"})
         if unknown:
-            warnings.warn(f"ignoring unknown {cls.__name__} keys {unknown}", stacklevel=2)
+            raise InvalidHyperParamsError(
+                f"unknown {cls.__name__} keys {unknown}; check their spelling, the known keys "
+                f"are {sorted(names)}")
         try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except TypeError as exc:
-            raise InvalidHyperParamsError(f"{cls.__name__}: {exc}") from exc
+            out = cls(**{k: v for k, v in data.items() if k in names})
+        except InvalidHyperParamsError:
+            raise
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InvalidHyperParamsError(f"{cls.__name__}: {exc}; check the values' types"
+                                          ) from exc
+        out.check_types()
+        return out
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps({**self.to_dict(), "editkit_version": __version__}, indent=2)
@@ -136,8 +229,27 @@ class JSONDataclass:
 
     @classmethod
     def from_json(cls: type[J], path_or_text: str | Path) -> J:
+        """Read a JSON object given as text (starting with ``{``) or as a file path."""
         text = str(path_or_text)
-        data = json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+        if text.lstrip().startswith("{"):
+            where = "the JSON text"
+        else:
+            where = repr(text)
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidHyperParamsError(
+                    f"cannot read {cls.__name__} from {where} ({type(exc).__name__}: {exc}); "
+                    "pass the path of an existing JSON file or the JSON text itself") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InvalidHyperParamsError(
+                f"{where} is not valid JSON for {cls.__name__} ({exc}); fix the file, e.g. "
+                '{"layer": 5}') from exc
+        except RecursionError as exc:
+            raise InvalidHyperParamsError(
+                f"{where} is nested too deeply to be {cls.__name__}; fix the file") from exc
         return cls.from_dict(data)
 
 

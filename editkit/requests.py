@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -11,6 +12,35 @@ from editkit.errors import DatasetFormatError, InvalidRequestError
 PLACEHOLDER = "{}"
 
 
+#: Unicode categories a reader cannot see: control (Cc: NUL, escape), format (Cf: zero-width
+#: space and joiners, bidi overrides, BOM), unassigned (Cn) and surrogates (Cs).
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cn", "Cs"})
+_KINDS = {"Cc": "control character", "Cf": "format character", "Cn": "unassigned code point",
+          "Cs": "surrogate"}
+#: Controls that are ordinary whitespace in text.
+_WHITESPACE_CONTROLS = frozenset("\t\n\r")
+
+
+#: Zero-width (non-)joiners are part of the spelling of Persian, Indic and emoji text; they
+#: are accepted between two visible characters, never on their own or at an edge.
+_JOINERS = frozenset("\u200c\u200d")
+
+
+def _hidden_characters(value: str) -> list[str]:
+    """Names of the invisible characters of ``value`` (see ``INVISIBLE_CATEGORIES``)."""
+    out = []
+    for i, ch in enumerate(value):
+        if ch in _WHITESPACE_CONTROLS or unicodedata.category(ch) not in INVISIBLE_CATEGORIES:
+            continue
+        if ch in _JOINERS and 0 < i < len(value) - 1 and all(
+                not n.isspace() and unicodedata.category(n) not in INVISIBLE_CATEGORIES
+                for n in (value[i - 1], value[i + 1])):
+            continue
+        kind = _KINDS[unicodedata.category(ch)]
+        out.append(f"U+{ord(ch):04X} {unicodedata.name(ch, kind)}")
+    return sorted(set(out))
+
+
 def _check_str(name: str, value: Any, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise InvalidRequestError(
@@ -18,6 +48,13 @@ def _check_str(name: str, value: Any, *, allow_empty: bool = False) -> str:
         )
     if not allow_empty and not value.strip():
         raise InvalidRequestError(f"EditRequest.{name} is empty ({value!r}); give a non-empty string")
+    hidden = _hidden_characters(value)
+    if hidden:
+        # An edit keyed on text nobody can read (a zero-width space inside a name, a NUL) is
+        # either a copy-paste accident or an attempt to hide what was edited.
+        raise InvalidRequestError(
+            f"EditRequest.{name}={value!r} contains invisible or control characters "
+            f"({', '.join(hidden)}); remove them and give plain visible text")
     return value
 
 
@@ -32,7 +69,7 @@ def _check_strings(name: str, values: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """Rewrite ``prompt.format(subject)`` → ``target_new``.
+    """Rewrite ``prompt`` with its ``{}`` replaced by ``subject`` → ``target_new``.
 
     ``prompt`` has exactly one ``{}``, the subject's place (``"{} plays the sport of"``).
     Targets are plain strings ("football"); they are scored with a leading space as the papers

@@ -57,7 +57,7 @@ from editkit.errors import DatasetFormatError, StatsError
 from editkit.jsonio import iter_jsonl
 from editkit.nethooks import Trace
 from editkit.registry import TEXT_SOURCES, get_adapter
-from editkit.tokens import pad_id, right_pad
+from editkit.tokens import context_length, pad_id, right_pad
 
 logger = logging.getLogger(__name__)
 
@@ -498,12 +498,17 @@ def second_moment(
             raise StatsError(f"{what}={value!r} must be a positive integer")
     if tokenizer is None:
         raise StatsError("second_moment needs the model's tokenizer: pass tokenizer=...")
+    ctx = context_length(model)
     if max_length is None:
-        ctx = (getattr(model.config, "max_position_embeddings", None)
-               or getattr(model.config, "n_positions", None) or 1024)
-        max_length = min(int(ctx), 1024)
-    if not isinstance(max_length, int) or max_length <= 0:
+        max_length = min(ctx or 1024, 1024)
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
         raise StatsError(f"max_length={max_length!r} must be a positive integer")
+    if ctx is not None and max_length > ctx:
+        # Longer texts would index past the position embedding; a shorter sample of generic
+        # text is still a sample of it.
+        logger.info("statistics texts clipped from max_length=%d to the model's context size "
+                    "of %d tokens", max_length, ctx)
+        max_length = ctx
 
     source = text_source(texts, n_samples, model=model, tokenizer=tokenizer,
                          generated_length=min(max_length, 128))

@@ -15,9 +15,42 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from editkit.errors import SubjectNotFoundError
+from editkit.errors import InvalidRequestError, SubjectNotFoundError
 
 PLACEHOLDER = "{}"
+
+#: Config fields that hold a model's maximum sequence length, in the order families use them.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length (positions) from its config, if it declares one."""
+    config = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_fits_context(tokenizer, model, texts: Sequence[str], what: str,
+                       reserve: int = 0) -> None:
+    """Refuse a text whose tokens (plus ``reserve`` more) exceed the model's context.
+
+    Clipping a prompt would change what is edited, so an over-long prompt is an
+    :class:`InvalidRequestError` naming the limit rather than a raw ``IndexError`` from the
+    position embedding deep inside a forward pass.
+    """
+    limit = context_length(model)
+    if limit is None:
+        return
+    for text in texts:
+        n = len(encode(tokenizer, text)) + reserve
+        if n > limit:
+            extra = f" (+{reserve} for context prefixes)" if reserve else ""
+            raise InvalidRequestError(
+                f"{what} {text[:80]!r} needs {n} tokens{extra} but the model's context size "
+                f"is {limit} positions; shorten it to fit the limit of {limit}")
 
 
 def pad_id(tokenizer) -> int:

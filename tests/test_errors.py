@@ -87,7 +87,7 @@ def test_bad_input(case, gpt2_and_tok, tmp_path, sentencepiece_tokenizer):
         expect(editkit.EditkitError, "FTHyperParams",
                lambda: FT(model, tok, editkit.HyperParams()))
     elif case == "non-finite update":
-        ed = FT(model, tok, FTHyperParams(layer=1, lr=float("inf"), num_steps=2))
+        ed = FT(model, tok, FTHyperParams(layer=1, lr=1e30, num_steps=3))  # finite, diverges
         expect(editkit.EditFailedError, "NaN", lambda: ed.apply(EditRequest(**GOOD)))
     elif case == "patch for another architecture":
         ed = FT(model, tok, small).apply(EditRequest(**GOOD))

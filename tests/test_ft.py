@@ -88,6 +88,6 @@ def test_hparams_json_round_trip(tmp_path):
     hp = FTLHyperParams(layer=2, norm_constraint=1e-4)
     hp.to_json(tmp_path / "h.json")
     assert FTLHyperParams.from_json(tmp_path / "h.json") == hp
-    with pytest.warns(UserWarning, match="bogus"):
-        assert FTLHyperParams.from_dict({**hp.to_dict(), "bogus": 1}) == hp
+    with pytest.raises(InvalidHyperParamsError, match="bogus"):
+        FTLHyperParams.from_dict({**hp.to_dict(), "bogus": 1})
     assert torch.is_tensor(torch.zeros(1))

@@ -36,6 +36,7 @@ from editkit.testbed.train import (
     META_FILE,
     TrainSettings,
     fact_recall,
+    mark_fact_world,
     score_candidates,
     train_fact_world,
     world_fingerprint,
@@ -172,4 +173,5 @@ def load_fact_world(
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         tokenizer.padding_side = padding_side
     model = GPT2LMHeadModel.from_pretrained(path).float().to(device).eval()
+    mark_fact_world(model, fp)
     return model, tokenizer

@@ -10,20 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from editkit.hparams import Preset, register_preset
-from editkit.testbed.train import META_FILE
+from editkit.hparams import IDENTITY_FIELD, Preset, register_preset
+from editkit.testbed.train import FACT_WORLD_ID, META_FILE
 
 #: SmolLM2-135M's ROME layer (of 30), MEMIT's layers and λ: see docs/smollm2.md.
 SMOLLM2_ROME_LAYER = 3
 SMOLLM2_MEMIT_LAYERS = (1, 2, 3, 4, 5)
 SMOLLM2_MEMIT_LAMBDA = 100.0
 SMOLLM2 = "smollm2-135m-instruct"
-FACT_WORLD = "fact-world"
+FACT_WORLD = FACT_WORLD_ID
 
 
 def is_fact_world_model(model) -> bool:
-    """Whether ``model`` was loaded from a fact-world model directory (``editkit.testbed``)."""
-    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    """Whether ``model`` is the fact-world model: its config says so (also after
+    ``save_pretrained``), or it was loaded from a directory with ``fact_world.json``."""
+    config = getattr(model, "config", None)
+    if getattr(config, IDENTITY_FIELD, None) == FACT_WORLD_ID:
+        return True
+    name = str(getattr(config, "name_or_path", "") or "")
     if not name:
         return False
     try:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from editkit.errors import ModelUnavailableError
+from editkit.hparams import IDENTITY_FIELD
 
 logger = logging.getLogger(__name__)
 
@@ -143,4 +144,6 @@ def load_smollm2(device: str = "cpu", *, padding_side: str = "right") -> tuple[A
     tokenizer.padding_side = padding_side
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device).eval()
     model.config.name_or_path = SMOLLM2_NAME
+    # Survives save_pretrained (name_or_path does not): a saved copy keeps its presets.
+    setattr(model.config, IDENTITY_FIELD, SMOLLM2_NAME.split("/")[-1].lower())
     return model, tokenizer

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from editkit.hparams import IDENTITY_FIELD
 from editkit.testbed.world import FactWorld, _stable_hash
 
 __all__ = [
@@ -51,6 +52,19 @@ logger = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 #: Name of the JSON file with fingerprint, settings and metrics in a model dir.
 META_FILE = "fact_world.json"
+#: The fact world's identity in ``config.editkit_model`` (``editkit.hparams.IDENTITY_FIELD``):
+#: ``save_pretrained`` writes it into ``config.json``, so a saved copy of the fact world keeps
+#: its presets without the ``fact_world.json`` sidecar of the directory it was loaded from.
+FACT_WORLD_ID = "fact-world"
+
+
+def mark_fact_world(model: Any, fingerprint: str | None = None) -> None:
+    """Record in ``model.config`` that it is the fact-world model (of ``fingerprint``)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, IDENTITY_FIELD, FACT_WORLD_ID)
+        if fingerprint is not None:
+            config.editkit_world_fingerprint = fingerprint
 #: Bumped when the training procedure changes in a way the settings do not show.
 TRAIN_FORMAT_VERSION = 1
 
@@ -560,6 +574,7 @@ def train_fact_world(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        mark_fact_world(model, meta["world_fingerprint"])
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _portable_tokenizer_config(tmp)

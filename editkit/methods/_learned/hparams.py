@@ -160,6 +160,7 @@ class LearnedTrainConfig(JSONDataclass):
         self.validate()
 
     def validate(self) -> None:
+        self.check_types()
         for name in ("max_steps", "batch_size", "val_every", "val_size", "checkpoint_every",
                      "patience"):
             value = getattr(self, name)

@@ -21,10 +21,20 @@ from torch import nn
 
 from editkit.editor import Editor
 from editkit.errors import StatsError
-from editkit.methods._locate.templates import check_templates, generate_context_templates
+from editkit.methods._locate.templates import (
+    PLAIN,
+    check_templates,
+    generate_context_templates,
+)
 from editkit.patch import tensor_fingerprint
+from editkit.tokens import context_length, encode
 
 logger = logging.getLogger(__name__)
+
+#: What to change when C (or a system built on it) cannot be inverted: C was estimated from
+#: too little or too uniform text (fewer distinct keys than its dimension).
+SINGULAR_FIX = ("estimate C from more text (raise mom2_n_samples) or from another text "
+                "source (mom2_dataset or stats_texts=), or pass full-rank covariances")
 
 
 def describe_texts(source: Any) -> Any:
@@ -90,12 +100,36 @@ class LocateEditor(Editor):
             source = self._stats_texts if self._stats_texts is not None else hp.mom2_dataset
             self.covariances = second_moment(
                 self.model, list(layers), source, tokenizer=self.tokenizer,
-                n_samples=hp.mom2_n_samples, max_length=hp.mom2_max_length,
+                n_samples=hp.mom2_n_samples, max_length=self.statistics_length(),
                 dtype=hp.mom2_dtype, adapter=self.adapter, cache_dir=self._cache("stats"))
         missing = [layer for layer in layers if layer not in self.covariances]
         if missing:
             raise StatsError(f"no key statistics for layers {missing}; pass covariances for "
                              f"every layer in {list(layers)}")
+
+    def statistics_length(self) -> int | None:
+        """Tokens per statistics text: ``mom2_max_length`` clipped to the model's context.
+
+        Texts for C are samples of generic text, so cutting them shorter changes nothing
+        but the sample; a longer setting (the small-model defaults' 128 on the fact world's
+        64 positions) would index past the position embedding.
+        """
+        wanted = self.hparams.mom2_max_length
+        limit = context_length(self.model)
+        if wanted is None or limit is None or wanted <= limit:
+            return wanted
+        logger.info("%s: statistics texts clipped from mom2_max_length=%d to the model's "
+                    "context size of %d tokens", self.name, wanted, limit)
+        return limit
+
+    def context_reserve(self) -> int:
+        """Tokens of the longest context prefix put before a prompt: measured on given
+        templates, else the longest generated length plus the ``". "`` joining it."""
+        if self.context_templates is not None:
+            return max(len(encode(self.tokenizer, t.replace(PLAIN, "")))
+                       for t in self.context_templates)
+        lengths = [length for length, _ in self.hparams.value.context_template_length_params]
+        return max(lengths, default=0) + 2 if lengths else 0
 
     def settings_metadata(self) -> dict[str, Any]:
         """What the constructor and preparation fixed, for ``patch.metadata["settings"]``:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from editkit.errors import InvalidHyperParamsError
 from editkit.hparams import HyperParams
+from editkit.tokens import context_length
 
 FACT_TOKENS = ("subject_last", "last")
 #: The reference's context prefixes: 10 generated prefixes of 5 tokens and 10 of 10 tokens.
@@ -152,11 +153,17 @@ class ValueHyperParams(HyperParams):
             value = getattr(self, name)
             if not _number(value) or value < 0:
                 raise InvalidHyperParamsError(f"value.{name}={value!r} must be a number ≥ 0")
+        limit = context_length(model)
         for length, count in self.context_template_length_params:
             if length <= 0 or count <= 0:
                 raise InvalidHyperParamsError(
                     f"value.context_template_length_params has ({length}, {count}); lengths "
                     "and counts must be positive")
+            if limit is not None and length >= limit // 2:
+                # A prefix must leave room for the prompt and the target behind it.
+                raise InvalidHyperParamsError(
+                    f"value.context_template_length_params has a prefix of {length} tokens "
+                    f"but the model's context size is {limit}; use lengths below {limit // 2}")
 
 
 def _legacy_warning(names: list[str]) -> None:

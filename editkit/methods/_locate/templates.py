@@ -87,6 +87,35 @@ def sample_prefixes(model: nn.Module, tokenizer, length: int, count: int,
     return texts
 
 
+def _read_cache(path: Path, settings: dict) -> list[str] | None:
+    """The templates cached at ``path`` for ``settings``, or None (then they are rebuilt).
+
+    The cache is a file anyone could have edited or truncated: anything but an object with
+    these settings and a list of template strings is ignored with a warning and
+    overwritten, never trusted (a list where the object belongs once raised
+    ``AttributeError`` from ``apply``).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("ignoring unreadable context-template cache %s (%s); rebuilding it",
+                       path, exc)
+        return None
+    templates = data.get("templates") if isinstance(data, dict) else None
+    if not isinstance(templates, list) or not templates:
+        logger.warning("ignoring malformed context-template cache %s (not an object with a "
+                       "list of templates); rebuilding it", path)
+        return None
+    if data.get("settings") != settings:
+        return None
+    try:
+        return check_templates(templates)
+    except InvalidHyperParamsError as exc:
+        logger.warning("ignoring malformed context-template cache %s (%s); rebuilding it",
+                       path, exc)
+        return None
+
+
 def generate_context_templates(model: nn.Module, tokenizer,
                                length_params: Sequence[tuple[int, int]], seed: int = 0,
                                cache_dir: str | os.PathLike | None = None,
@@ -105,12 +134,9 @@ def generate_context_templates(model: nn.Module, tokenizer,
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "context_templates"
     path = root / f"{key}.json"
     if use_cache and path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("settings") == settings:
-                return check_templates(data["templates"])
-        except (OSError, ValueError, KeyError, InvalidHyperParamsError) as exc:
-            logger.warning("ignoring unreadable context-template cache %s (%s)", path, exc)
+        cached = _read_cache(path, settings)
+        if cached is not None:
+            return cached
     was_training = model.training
     model.eval()
     try:

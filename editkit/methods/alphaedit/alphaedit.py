@@ -25,7 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from editkit.errors import InvalidHyperParamsError
+from editkit.errors import InvalidHyperParamsError, StatsError
+from editkit.methods._locate.editor import SINGULAR_FIX
 from editkit.methods._locate.hparams import accepts_flat_fields
 from editkit.methods.memit import MEMIT, MEMITHyperParams
 from editkit.patch import Patch
@@ -72,6 +73,9 @@ def null_space_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     second moment, so preserved keys move by at most about √threshold of their norm.
     """
     c = cov.detach().to(dtype=torch.float64, device="cpu")
+    if not bool(torch.isfinite(c).all()):
+        raise StatsError(f"the key covariance C holds NaN or inf, so its null space is "
+                         f"undefined; {SINGULAR_FIX}")
     eigvals, eigvecs = torch.linalg.eigh((c + c.T) / 2)  # ascending
     energy = torch.cumsum(eigvals.clamp_min(0), 0)
     null = eigvecs[:, energy <= threshold * energy[-1]]
@@ -91,7 +95,12 @@ def solve_projected_update(keys: torch.Tensor, resid: torch.Tensor, projector: t
     p = projector.to(dtype=torch.float64)
     a = k @ k.T if previous is None else previous.to(torch.float64) + k @ k.T
     eye = torch.eye(k.shape[0], dtype=torch.float64)
-    return r, torch.linalg.solve(p @ a + l2 * eye, p @ k)
+    solved, info = torch.linalg.solve_ex(p @ a + l2 * eye, p @ k)
+    if int(info) != 0 or not bool(torch.isfinite(solved).all()):
+        raise StatsError(
+            f"the projected system (ridge α = {l2:.3g}) is singular, so the update cannot be "
+            f"solved; raise l2, or {SINGULAR_FIX}")
+    return r, solved
 
 
 class AlphaEdit(MEMIT):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from editkit.editor import Editor
+from editkit.errors import EditFailedError
 from editkit.methods.ft.hparams import FTHyperParams, FTLHyperParams
 from editkit.patch import Dense, Patch
 from editkit.requests import EditRequest, as_request_list
@@ -41,9 +42,11 @@ class FT(Editor):
                 p.requires_grad_(p is weight)
             opt = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
             eps = hp.norm_constraint
-            for _ in range(hp.num_steps):
+            for step in range(hp.num_steps):
                 opt.zero_grad(set_to_none=True)
                 loss = target_nll(self.model, self.tokenizer, prompts, targets).mean()
+                if not torch.isfinite(loss):
+                    self._non_finite(weight.dtype, f"the loss at step {step}")
                 if loss.item() < hp.early_stop_loss:
                     break
                 loss.backward()
@@ -55,6 +58,8 @@ class FT(Editor):
                 delta = (weight.detach().float() - original.float())
                 if eps is not None:
                     delta = delta.clamp(-eps, eps)
+            if not bool(torch.isfinite(delta).all()):
+                self._non_finite(weight.dtype, "the weight update")
         finally:
             with torch.no_grad():
                 weight.copy_(original)
@@ -62,6 +67,19 @@ class FT(Editor):
                 p.requires_grad_(flags[n])
             weight.grad = None
         return self._new_patch({name: Dense(delta)}, items)
+
+    def _non_finite(self, dtype: torch.dtype, what: str) -> None:
+        """Raise for NaN/inf; in half precision the dtype, not the step size, is the cause."""
+        if dtype == torch.float16:
+            # Adam's ε (1e-8) is 0 in float16 and squared gradients overflow past 65504, so
+            # fine-tuning float16 weights in place yields inf/NaN at any learning rate.
+            raise EditFailedError(
+                f"{self.name} produced NaN/inf in {what} because the model is in float16, whose "
+                "range is too small for the Adam update; load the model in float32 or bfloat16 "
+                "(e.g. from_pretrained(..., dtype=torch.float32)). The model was left unchanged")
+        raise EditFailedError(
+            f"{self.name} produced NaN/inf in {what} (model dtype {dtype}); lower the learning "
+            f"rate (lr={self.hparams.lr}) or num_steps. The model was left unchanged")
 
 
 class FTL(FT):

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from editkit.errors import InvalidRequestError
-from editkit.methods._locate.editor import LocateEditor
+from editkit.errors import InvalidRequestError, StatsError
+from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import fact_token_index, keys_at
 from editkit.methods._locate.templates import apply_template
 from editkit.methods._locate.values import compute_value
@@ -50,14 +50,21 @@ def check_no_conflicts(requests: Sequence[EditRequest]) -> None:
     """Refuse a batch in which one (subject, prompt) pair is asked for two different targets."""
     seen: dict[tuple[str, str], str] = {}
     for r in requests:
-        key = (r.subject, r.prompt)
-        if key in seen and seen[key].strip() != r.target_new.strip():
+        # Spacing does not change the fact asked for ("Paris " and " Paris" are one target,
+        # "{}  plays" and "{} plays" one prompt); prompts are user text, so they are filled by
+        # replacement, never str.format (a literal "{x}" in a prompt must not be a field).
+        key = (_normal(r.subject), _normal(r.prompt))
+        if key in seen and seen[key] != _normal(r.target_new):
             raise InvalidRequestError(
-                f"conflicting requests in one batch: {r.prompt.format(r.subject)!r} → "
-                f"{seen[key]!r} and → {r.target_new!r}; keep one target per subject and "
-                "relation (or edit them in separate batches)"
+                f"conflicting requests in one batch: {r.text!r} → {seen[key]!r} and → "
+                f"{r.target_new!r}; keep one target per subject and relation (or edit them in "
+                "separate batches)"
             )
-        seen[key] = r.target_new
+        seen[key] = _normal(r.target_new)
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
 
 
 def solve_layer_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor | None,
@@ -72,7 +79,12 @@ def solve_layer_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tenso
     c = (torch.eye(k.shape[0], dtype=torch.float64) if cov is None
          else cov.detach().to(dtype=torch.float64, device="cpu"))
     a = lam * c + k @ k.T
-    return r, torch.linalg.solve(a, k)
+    solved, info = torch.linalg.solve_ex(a, k)
+    if int(info) != 0 or not bool(torch.isfinite(solved).all()):
+        raise StatsError(
+            f"λC + KKᵀ (λ = {lam}) is singular or ill-conditioned, so the update cannot be "
+            f"solved; raise mom2_update_weight, or {SINGULAR_FIX}")
+    return r, solved
 
 
 @contextmanager

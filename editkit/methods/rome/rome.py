@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from editkit.errors import EditFailedError, InvalidRequestError, StatsError
-from editkit.methods._locate.editor import LocateEditor
+from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import KeyResult, compute_key
 from editkit.methods._locate.values import ValueResult, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams
@@ -34,16 +34,30 @@ logger = logging.getLogger(__name__)
 class KeySolver:
     """``u = (λC)⁻¹ k`` by an LU factorisation of ``λC`` computed once (float64, no inverse)."""
 
-    def __init__(self, cov: torch.Tensor, weight: float = 1.0) -> None:
+    def __init__(self, cov: torch.Tensor, weight: float = 1.0, layer: int | None = None
+                 ) -> None:
         c = cov.detach().to(device="cpu", dtype=torch.float64) * float(weight)
         if c.dim() != 2 or c.shape[0] != c.shape[1]:
             raise StatsError(f"the key covariance must be square, got shape {tuple(c.shape)}")
         self.dim = c.shape[0]
-        self.lu, self.pivots = torch.linalg.lu_factor(c)
+        self.where = "" if layer is None else f" of layer {layer}"
+        if not bool(torch.isfinite(c).all()):
+            raise StatsError(f"the key covariance C{self.where} holds NaN or inf; "
+                             f"{SINGULAR_FIX}")
+        lu, pivots, info = torch.linalg.lu_factor_ex(c)
+        if int(info) != 0:
+            raise StatsError(
+                f"the key covariance C{self.where} is singular (pivot {int(info)} of {self.dim} "
+                f"is zero), so C⁻¹k cannot be solved; {SINGULAR_FIX}")
+        self.lu, self.pivots = lu, pivots
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:
         k64 = k.detach().to(device="cpu", dtype=torch.float64)
-        return torch.linalg.lu_solve(self.lu, self.pivots, k64[:, None])[:, 0]
+        u = torch.linalg.lu_solve(self.lu, self.pivots, k64[:, None])[:, 0]
+        if not bool(torch.isfinite(u).all()):
+            raise StatsError(f"solving C⁻¹k with the key covariance C{self.where} gave NaN or "
+                             f"inf: C is too ill-conditioned; {SINGULAR_FIX}")
+        return u
 
 
 def left_vector(cov: torch.Tensor | KeySolver | None, k_star: torch.Tensor,
@@ -141,7 +155,8 @@ class ROME(LocateEditor):
                     f"covariance has shape {tuple(cov.shape)} but layer {hp.layer}'s keys have "
                     f"{d_in} dimensions; pass the statistics of that layer"
                 )
-            self._solver = KeySolver(cov.to(getattr(torch, hp.mom2_dtype)), hp.mom2_update_weight)
+            self._solver = KeySolver(cov.to(getattr(torch, hp.mom2_dtype)), hp.mom2_update_weight,
+                                     layer=hp.layer)
         self.prepare_timings = {"templates": t1 - t0, "stats": time.perf_counter() - t1}
 
     def _weight(self) -> torch.Tensor:
