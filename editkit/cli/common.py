@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import json
 import os
 import re
-import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -248,18 +244,3 @@ def probe(model, tokenizer, label: str, prompt: str, new: str, true: str | None)
     s = score_targets(model, tokenizer, [prompt] * len(targets), targets).exp().tolist()
     probs = f"p(new={new!r})={s[0]:.3f}" + (f"  p(true={true!r})={s[1]:.3f}" if true else "")
     return f"  {label:<13} {prompt!r} → {answer(model, tokenizer, prompt)!r}   [{probs}]"
-
-
-def errors_exit_2(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a subcommand's ``run`` so that a typed editkit error is printed to stderr as
-    ``error: ...`` and returns exit status 2 (the other exceptions propagate)."""
-
-    @functools.wraps(run)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except EditkitError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapped
