@@ -125,7 +125,7 @@ def test_one_module_per_subcommand():
         assert parser.parse_args([name, *REQUIRED.get(name, [])]).func is module.run
         parser_names.append(name)
     assert parser_names == ["demo", "edit", "methods", "stats", "trace", "suggest-layer", "eval",
-                            "compare", "train-mend", "train-ke"]
+                            "compare", "train-mend", "train-ke", "cache"]
 
 
 #: Arguments each subcommand cannot parse without.
@@ -133,5 +133,5 @@ REQUIRED = {
     "edit": ["--model", "m"], "stats": ["m", "--layers", "0"], "trace": ["--model", "m", "--out", "o"],
     "suggest-layer": ["--model", "m"], "eval": ["--model", "m", "--method", "ft", "--data", "d"],
     "compare": ["r"], "train-mend": ["--model", "m", "--data", "d", "--out", "o"],
-    "train-ke": ["--model", "m", "--data", "d", "--out", "o"],
+    "train-ke": ["--model", "m", "--data", "d", "--out", "o"], "cache": ["list"],
 }

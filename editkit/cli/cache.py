@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.yes:
         try:
             answer = input(f"delete {what} under {root}? [y/N] ")
-        except EOFError:
+        except (EOFError, OSError):  # no terminal to ask (a script, a closed stdin)
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             raise OptionError(f"nothing deleted: {what} under {root} is kept; pass --yes to clear "
