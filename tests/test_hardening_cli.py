@@ -119,7 +119,7 @@ CASES = [
     CliCase("edit-set-unknown-field", lambda f: _edit(f, "--set", '{"lrr": 0.1}'),
             mentions=("lrr", "choose among", "lr")),
     CliCase("edit-set-not-an-object", lambda f: _edit(f, "--set", "[0.1]"),
-            mentions=("[0.1]", "JSON object")),
+            mentions=("[0.1]", "must be a JSON object", '{"field": value}')),
     CliCase("edit-layer-ignored-by-ke",
             lambda f: ["edit", "--model", str(f.model), "--method", "ke", "--layer", "1",
                        "--prompt", "{} plays", "--subject", "x", "--target", "y"],

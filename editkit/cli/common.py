@@ -107,11 +107,13 @@ def check_number(flag: str, value: float | None, *, minimum: float = 1,
         raise OptionError(f"{flag} {value} is out of range; pass a number {bound}")
 
 
-def read_json_option(flag: str, value: str | None) -> dict[str, Any] | None:
-    """The JSON object of an option given inline (``'{"lr": 1e-3}'``) or as a file path."""
+def read_json_option(flag: str, value: str | None, *, inline_only: bool = False
+                     ) -> dict[str, Any] | None:
+    """The JSON object of an option given inline (``'{"lr": 1e-3}'``) or as a file path
+    (not with ``inline_only``)."""
     if value is None:
         return None
-    inline = value.lstrip().startswith("{")
+    inline = inline_only or value.lstrip().startswith("{")
     if not inline:
         path = Path(value).expanduser()
         if not path.is_file():

@@ -118,7 +118,7 @@ def _check(args: argparse.Namespace) -> tuple[list[EditRequest], dict[str, Any]]
     if args.hparams is not None:
         check_overrides(args.method, read_json_option("--hparams", args.hparams) or {},
                         "--hparams")
-    overrides = read_json_option("--set", args.set) or {}
+    overrides = read_json_option("--set", args.set, inline_only=True) or {}
     check_overrides(args.method, overrides)
     if "layer" in overrides and args.layer is not None:
         raise OptionError("--layer and --set '{\"layer\": ...}' both set the layer; keep one")
