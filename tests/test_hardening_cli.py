@@ -562,3 +562,40 @@ def test_progress_shows_the_real_total_when_the_source_runs_out(gpt2_tok, tmp_pa
     (bar,) = _RecordingBar.bars
     assert bar.total == 3 and bar.n == 3  # 100 %, not 3 of 8
     assert "ran out after 3 of the 8 requested texts" in caplog.text
+
+
+def test_exit_status_classifies_every_error_class():
+    """Usage errors are 2, failures 1, for every EditkitError subclass there is."""
+    import editkit.errors as errors
+
+    classes = [c for c in vars(errors).values()
+               if isinstance(c, type) and issubclass(c, errors.EditkitError)]
+    assert len(classes) >= 15
+    failures = {errors.EditFailedError, errors.StatsError, errors.ReplayMismatchError}
+    for cls in classes:
+        expected = 1 if any(issubclass(cls, f) for f in failures) else 2
+        assert cli.exit_status(cls("x")) == expected, cls
+    assert cli.exit_status(ZeroDivisionError()) == 1
+    assert cli.exit_status(KeyboardInterrupt()) == 130
+
+
+def test_library_messages_are_rewritten_with_options():
+    assert cli.cli_message("pass local text instead: texts=['...', ...], texts='corpus.txt' "
+                           "(documents) or the offline source texts='pydoc'") == (
+        "pass local text instead: --texts corpus.txt (documents) or the offline source "
+        "--texts pydoc")
+    assert "--n-samples 0" in cli.cli_message("n_samples=0 must be a positive integer")
+    assert cli.cli_message("Pass hparams= to choose your own.").startswith("Pass --hparams")
+
+
+def test_the_offline_wikitext_default_names_the_texts_option(files: Files, tmp_path):
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("with 'datasets' installed the default source may try the network")
+    err = assert_cli_refused(["stats", str(files.model), "--layers", "0", "--cache-dir",
+                              str(tmp_path / "c"), "--no-progress"], status=1,
+                             mentions=("wikitext", "--texts corpus.txt", "--texts pydoc"))
+    assert "texts=" not in err
