@@ -502,6 +502,18 @@ def test_stale_temporaries_are_removed_and_fresh_ones_kept(tmp_path):
     assert remove_stale_temporaries(root) == [] and busy.exists()
 
 
+def test_the_next_command_cleans_stale_temporaries_of_the_cache(cache_root: Path, monkeypatch):
+    import editkit.cache
+
+    monkeypatch.setattr(editkit.cache, "_SWEPT", set())
+    dead = cache_root / "smollm2" / ".smollm2-killed"
+    dead.mkdir(parents=True)
+    (dead / "model.safetensors").write_bytes(b"half")
+    _age(dead, 2 * 3600)
+    code, out, err = run_cli(["methods"])
+    assert code == 0 and not dead.exists()
+
+
 @pytest.fixture
 def gpt2_tok(bytelevel_tokenizer):
     return tiny_model("gpt2", len(bytelevel_tokenizer)), bytelevel_tokenizer

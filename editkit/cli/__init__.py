@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from editkit.cache import sweep_stale_once
 from editkit.cli import (
     cache,
     compare,
@@ -163,4 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # The next run after a kill cleans what the killed write left (old temporaries only).
+    sweep_stale_once()
     return run(args)
