@@ -76,6 +76,7 @@ _CLI_SPELLINGS: tuple[tuple[str, str], ...] = (
     (r"texts=\['\.\.\.', \.\.\.\], ", ""),
     (r"texts=\[str, \.\.\.\]", "--texts FILE.txt"),
     (r"\btexts=(['\"]?)([\w./-]+)\1", r"--texts \2"),
+    (r"^(layers?)=(\d+) is out of range", r"--\1 \2 is out of range"),
     (r"\bn_samples=", "--n-samples "),
     (r"\bmax_length=", "--max-length "),
     (r"\bbatch_size=", "--batch-size "),
