@@ -57,6 +57,7 @@ def files(tmp_path_factory, bytelevel_tokenizer) -> Files:
     (root / "bad_data.json").write_text("[{")
     (root / "obj_data.json").write_text('{"not": "a list"}')
     (root / "empty.txt").write_text("")
+    (root / "weird.json").write_text('[{"a": 1}]')
     return Files(root, root / "m", root / "notok", root / "empty", root / "afile")
 
 
@@ -187,6 +188,10 @@ CASES = [
             lambda f: ["eval", "--model", "factworld", "--method", "ft", "--data", "factworld",
                        "--batch-size", "4", "--out", f("out")],
             mentions=("--batch-size 4", "--protocol batch")),
+    CliCase("eval-data-format-unknown",
+            lambda f: ["eval", "--model", "factworld", "--method", "ft", "--data",
+                       f("weird.json"), "--out", f("out")],
+            mentions=("keys ['a']", "--format counterfact")),
     CliCase("eval-out-is-a-file",
             lambda f: ["eval", "--model", "factworld", "--method", "ft", "--data", "factworld",
                        "--out", str(f.a_file)],

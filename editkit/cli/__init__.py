@@ -70,6 +70,7 @@ FAILURES: tuple[type[BaseException], ...] = (EditFailedError, StatsError, Replay
 #: Python spellings in library messages and what the command line calls them. The library
 #: speaks to Python callers; on the command line the fix is an option, not a keyword.
 _CLI_SPELLINGS: tuple[tuple[str, str], ...] = (
+    (r"[Pp]ass kind='(\w+)' or kind='(\w+)'", r"pass --format \1 or --format \2"),
     (r"pass hparams=(\w+)\(hypernet_path='([^']*)'\)", r"""pass --hparams '{"hypernet_path": "\2"}'"""),
     (r"[Pp]ass hparams= to choose your own",
      "Pass --hparams FILE.json or --set '{\"field\": value}' to choose your own"),
@@ -92,10 +93,16 @@ def exit_status(exc: BaseException) -> int:
     return 1
 
 
-def cli_message(message: str) -> str:
-    """A library message with its Python spellings replaced by command-line options."""
+#: Spellings whose option only some subcommands have.
+_ONLY_FOR = {r"[Pp]ass kind='(\w+)' or kind='(\w+)'": {"eval"}}
+
+
+def cli_message(message: str, command: str | None = None) -> str:
+    """A library message with its Python spellings replaced by the options of ``command``
+    (every subcommand's when None)."""
     for pattern, replacement in _CLI_SPELLINGS:
-        message = re.sub(pattern, replacement, message)
+        if command is None or command in _ONLY_FOR.get(pattern, {command}):
+            message = re.sub(pattern, replacement, message)
     return message
 
 
@@ -119,14 +126,14 @@ def run(args: argparse.Namespace) -> int:
     verbose = bool(getattr(args, "verbose", False))
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-        _report(args, f"warning: {cli_message(str(message))}")
+        _report(args, f"warning: {cli_message(str(message), getattr(args, 'command', None))}")
 
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
             return int(args.func(args) or 0)
         except EditkitError as exc:
-            _report(args, f"error: {cli_message(str(exc))}")
+            _report(args, f"error: {cli_message(str(exc), getattr(args, 'command', None))}")
             return exit_status(exc)
         except KeyboardInterrupt:
             _report(args, "interrupted")
