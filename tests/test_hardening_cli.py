@@ -639,3 +639,20 @@ def test_the_offline_wikitext_default_names_the_texts_option(files: Files, tmp_p
                               str(tmp_path / "c"), "--no-progress"], status=1,
                              mentions=("wikitext", "--texts corpus.txt", "--texts pydoc"))
     assert "texts=" not in err
+
+
+def test_device_checks_with_and_without_cuda(monkeypatch):
+    from editkit.cli.common import OptionError, check_device
+
+    check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(OptionError, match="CUDA is not available.*--device cpu"):
+        check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda")
+    check_device("cuda:1")
+    with pytest.raises(OptionError, match=r"'cuda:2'.*2 CUDA device\(s\); use cuda:0 \.\. cuda:1"):
+        check_device("cuda:2")
+    with pytest.raises(OptionError, match="'tpu' is not a torch device"):
+        check_device("tpu")
