@@ -326,6 +326,15 @@ CASES = [
 ]
 
 
+if "apply" in cli.build_parser()._subparsers._group_actions[0].choices:
+    # ``editkit apply --model DIR PATCH`` (issue 15, another branch): a patch that is not
+    # there is a bad input file, a usage error like every other.
+    CASES.append(CliCase(
+        "apply-patch-missing",
+        lambda f: ["apply", "--model", str(f.model), f("missing.safetensors")],
+        mentions=("missing.safetensors",)))
+
+
 @pytest.fixture
 def cache_root(tmp_path, monkeypatch) -> Path:
     """An empty editkit cache of its own (the cases must not touch the user's cache)."""
