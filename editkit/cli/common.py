@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +248,10 @@ def probe(model, tokenizer, label: str, prompt: str, new: str, true: str | None)
     s = score_targets(model, tokenizer, [prompt] * len(targets), targets).exp().tolist()
     probs = f"p(new={new!r})={s[0]:.3f}" + (f"  p(true={true!r})={s[1]:.3f}" if true else "")
     return f"  {label:<13} {prompt!r} → {answer(model, tokenizer, prompt)!r}   [{probs}]"
+
+
+def errors_exit_2(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Kept so that subcommands written against it still import: errors are now reported, with
+    the exit status of their class, by :func:`editkit.cli.run` for every subcommand, so this
+    returns ``run`` unchanged."""
+    return run
