@@ -53,6 +53,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from editkit.cache import default_cache_dir, sweep_stale_once
 from editkit.errors import DatasetFormatError, StatsError
 from editkit.jsonio import iter_jsonl
 from editkit.nethooks import Trace
@@ -83,17 +84,6 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 _HASH_SAMPLE = 1 << 16  # elements hashed per non-key parameter (evenly strided)
 
 
-# ------------------------------------------------------------------ cache location
-def default_cache_dir() -> Path:
-    """The editkit cache root: ``$EDITKIT_CACHE``, else ``$XDG_CACHE_HOME/editkit``, else
-    ``~/.cache/editkit``."""
-    if os.environ.get("EDITKIT_CACHE"):
-        return Path(os.environ["EDITKIT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "editkit"
-    return Path.home() / ".cache" / "editkit"
-
-
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -106,6 +96,9 @@ class TextSource:
     identity: str
     description: str
     factory: Callable[[], Iterable[Any]]
+    #: How many texts the source holds, when known up front (progress bars show the real
+    #: total); ``None`` for streams such as files and hub datasets.
+    size: int | None = None
 
     def texts(self, limit: int) -> Iterator[str]:
         """The first ``limit`` non-empty texts of the source."""
@@ -178,6 +171,7 @@ def generate_texts(model: nn.Module, tokenizer: Any, n_texts: int, *, length: in
     key = _sha(["generated", _generator_identity(model), tokenizer_fingerprint(tokenizer),
                 n_texts, length, seed])[:24]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "generated_texts"
+    sweep_stale_once(root)
     path = root / f"{key}.json"
     if path.is_file():
         try:
@@ -286,7 +280,7 @@ def text_source(texts: Any, n_samples: int, *, model: nn.Module | None = None,
         for t in items:
             digest.update(hashlib.sha256(t.encode("utf-8")).digest())
         return TextSource(f"texts:{len(items)}:{digest.hexdigest()[:24]}",
-                          f"{len(items)} given texts", lambda: items)
+                          f"{len(items)} given texts", lambda: items, size=len(items))
     raise StatsError(
         f"texts must be an iterable of strings, a file path, a datasets.Dataset or one of "
         f"{TEXT_SOURCES.names()}; got {type(texts).__name__}"
@@ -513,6 +507,8 @@ def second_moment(
     source = text_source(texts, n_samples, model=model, tokenizer=tokenizer,
                          generated_length=min(max_length, 128))
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "stats"
+    if use_cache:
+        sweep_stale_once(root)
     model_type = str(getattr(model.config, "model_type", "model"))
     common = {
         "format": CACHE_FORMAT, "source": source.identity, "n_samples": n_samples,
@@ -588,7 +584,8 @@ def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSour
     texts = itertools.islice(source.texts(n_samples), consumed, None)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=n_samples, initial=consumed, disable=not progress, unit="text",
+    expected = n_samples if source.size is None else min(n_samples, source.size)
+    bar = tqdm(total=expected, initial=consumed, disable=not progress, unit="text",
                desc=f"mom2 layers {layers}", mininterval=1.0)
     start, tokens_run, batches = time.perf_counter(), 0, 0
     try:
@@ -622,6 +619,14 @@ def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSour
             if ckpt is not None and batches % checkpoint_every == 0 and sums:
                 _atomic_save({f"sum.{layer}": s for layer, s in sums.items()},
                              {**expect, "count": count, "consumed": consumed}, ckpt)
+        if consumed < n_samples:
+            # The source had fewer texts than asked for: the bar ends at the real total (not
+            # at 37 %), and the user learns the statistics rest on fewer texts.
+            bar.total = consumed
+            bar.refresh()
+            logger.warning("the text source %s ran out after %d of the %d requested texts; "
+                           "the statistics use those %d (pass a larger source for more)",
+                           source.description, consumed, n_samples, consumed)
     finally:
         bar.close()
         model.train(was_training)

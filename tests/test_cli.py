@@ -125,7 +125,7 @@ def test_one_module_per_subcommand():
         assert parser.parse_args([name, *REQUIRED.get(name, [])]).func is module.run
         parser_names.append(name)
     assert parser_names == ["demo", "edit", "apply", "methods", "stats", "trace",
-                            "suggest-layer", "eval", "compare", "train-mend", "train-ke"]
+                            "suggest-layer", "eval", "compare", "train-mend", "train-ke", "cache"]
 
 
 #: Arguments each subcommand cannot parse without.
@@ -134,5 +134,5 @@ REQUIRED = {
     "trace": ["--model", "m", "--out", "o"],
     "suggest-layer": ["--model", "m"], "eval": ["--model", "m", "--method", "ft", "--data", "d"],
     "compare": ["r"], "train-mend": ["--model", "m", "--data", "d", "--out", "o"],
-    "train-ke": ["--model", "m", "--data", "d", "--out", "o"],
+    "train-ke": ["--model", "m", "--data", "d", "--out", "o"], "cache": ["list"],
 }

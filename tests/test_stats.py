@@ -362,8 +362,8 @@ def test_stats_cli_computes_and_caches(model_tok, tmp_path, capsys):
     assert "layer 3: C (192, 192)" in out and "4 layer(s)" in out
     assert len(list((tmp_path / "c").rglob("mom2_l*.safetensors"))) == 4
     args = parser.parse_args([*argv[:3], "9", *argv[4:]])
-    assert stats_cli.run(args) == 1
-    assert "layer=9" in capsys.readouterr().out
+    assert stats_cli.run(args) == 2  # a usage error, on stderr like every subcommand's
+    assert "--layers 9 out of range" in capsys.readouterr().err
 
 
 def test_stats_cli_under_torchrun_shards_and_equals_one_process(model_tok, tmp_path):

@@ -13,14 +13,24 @@ test subjects) into ``--out``. Rerunning the same command resumes an interrupted
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from editkit.cli.common import FACT_WORLD_NAMES, load_model
-from editkit.errors import EditkitError, InvalidHyperParamsError
+from editkit.cli.common import (
+    MODEL_CHOICES,
+    OptionError,
+    check_device,
+    check_model,
+    check_number,
+    check_overrides,
+    check_writable,
+    describe,
+    is_fact_world,
+    load_model,
+    read_json_option,
+)
 from editkit.eval import counterfact_metrics, edit_quality, load_requests
 from editkit.methods._learned.data import split_by_subject, subjects_of
 from editkit.methods._learned.io import write_json
@@ -34,10 +44,10 @@ def add_train_parser(subparsers: Any, method: str) -> argparse.ArgumentParser:
         f"train-{method}", help=f"train a {method.upper()} hypernetwork for a model",
         description=f"Train the {method.upper()} hypernetwork on edit records, with "
                     "validation, early stopping and resumable checkpoints; report ES/PS/NS on "
-                    "held-out subjects.",
+                    "held-out subjects.\n\n" + describe(__doc__.split("\n\n", 1)[1]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True,
-                   help="'factworld' or a save_pretrained directory with its tokenizer")
+    p.add_argument("--model", required=True, help=MODEL_CHOICES)
     p.add_argument("--data", required=True,
                    help="'factworld' or a CounterFact / zsRE .json / .jsonl file")
     p.add_argument("--out", required=True, help="output directory (hypernetwork, logs, checkpoint)")
@@ -61,54 +71,63 @@ def add_train_parser(subparsers: Any, method: str) -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=200,
                    help="test records to score after training (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(learned_method=method)
     return p
 
 
-def _json_arg(value: str | None) -> dict[str, Any]:
-    if value is None:
-        return {}
-    text = value if value.lstrip().startswith("{") else Path(value).read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidHyperParamsError(f"{value!r} is not a JSON object ({exc.msg})") from exc
-    if not isinstance(data, dict):
-        raise InvalidHyperParamsError(f"{value!r} must be a JSON object")
-    data.pop("editkit_version", None)
-    return data
+def _json_arg(value: str | None, flag: str = "--config") -> dict[str, Any]:
+    return read_json_option(flag, value) or {}
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Run ``train-<method>``: split, train, save, score the test split; print a summary."""
     method = args.learned_method
     cls = get_method(method)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         fractions = tuple(float(x) for x in args.split.split(","))
     except ValueError:
-        raise EditkitError(f"--split {args.split!r} must be three comma-separated fractions, "
-                           "e.g. 0.8,0.1,0.1") from None
-    if len(fractions) != 3:
-        raise EditkitError(f"--split {args.split!r} must have three fractions (train,val,test)")
-    model, tokenizer = load_model(args.model, device=args.device)
+        raise OptionError(f"--split {args.split!r} must be three comma-separated fractions, "
+                          "e.g. 0.8,0.1,0.1") from None
+    if len(fractions) != 3 or not all(0 <= f <= 1 for f in fractions) or sum(fractions) <= 0:
+        raise OptionError(f"--split {args.split!r} must have three fractions in [0, 1] "
+                          "(train,val,test), e.g. 0.8,0.1,0.1")
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--max-minutes", args.max_minutes, 0),
+                                 ("--batch-size", args.batch_size, 1), ("--lr", args.lr, 0),
+                                 ("--val-every", args.val_every, 1),
+                                 ("--eval-n", args.eval_n, 0), ("--threads", args.threads, 1)):
+        check_number(flag, value, minimum=minimum)
+    config_options = _json_arg(args.config, "--config")
+    hparams = _json_arg(args.hparams, "--hparams") or None
+    if hparams is not None:
+        check_overrides(method, hparams, "--hparams")
+    if args.locality and not Path(args.locality).expanduser().is_file():
+        raise OptionError(f"--locality {args.locality!r} does not exist; pass a text file of "
+                          "unrelated prompts, one per line")
+    data_path = Path(args.data).expanduser()
+    if data_path.suffix in (".json", ".jsonl") and not data_path.is_file():
+        raise OptionError(f"--data {args.data!r} does not exist; pass 'factworld' or a "
+                          "CounterFact / zsRE .json or .jsonl file")
+    check_model(args.model)
+    check_device(args.device)
+    check_writable("--out", args.out, directory=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = load_requests(args.data)
+    model, tokenizer = load_model(args.model, device=args.device)
     train, val, test = split_by_subject(records, fractions, seed=args.seed)
-    config = {**_json_arg(args.config), "out_dir": args.out,
+    config = {**config_options, "out_dir": args.out,
               "resume": not args.no_resume, "seed": args.seed, "progress": not args.quiet}
     for flag, key in (("steps", "max_steps"), ("max_minutes", "max_minutes"),
                       ("batch_size", "batch_size"), ("lr", "lr"), ("val_every", "val_every")):
         if getattr(args, flag) is not None:
             config[key] = getattr(args, flag)
-    hparams = _json_arg(args.hparams) or None
     locality: list[str] = []
     if args.locality:
         locality = [line.strip() for line in Path(args.locality).read_text().splitlines()
                     if line.strip()]
-    elif str(args.data) in FACT_WORLD_NAMES:
+    elif is_fact_world(str(args.data)):
         locality = FactWorld().texts(n=3000, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,15 +9,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from editkit.cli.common import errors_exit_2
+from editkit.cli.common import OptionError, check_writable, describe
 from editkit.eval.report import compare
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``editkit compare``."""
     c = subparsers.add_parser(
-        "compare", help="put several `editkit eval` results side by side",
-        description="One markdown table with the unedited and edited rows of several runs.",
+        "compare", help="put several 'editkit eval' results side by side",
+        description=describe(__doc__) + "\nOne markdown table with the unedited and edited rows "
+                    "of several runs.", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("results", nargs="+", help="results.json files or --out directories")
     c.add_argument("--out", default=None, help="write the table to this markdown file")
@@ -25,9 +26,15 @@ def add_parser(subparsers: Any) -> None:
     c.set_defaults(func=run)
 
 
-@errors_exit_2
 def run(args: argparse.Namespace) -> int:
-    """Run ``editkit compare``; 0 on success, 2 on a typed error (printed to stderr)."""
+    """Run ``editkit compare``; returns the exit status (errors are reported by
+    :func:`editkit.cli.run`)."""
+    missing = [r for r in args.results if not Path(r).expanduser().exists()]
+    if missing:
+        raise OptionError(f"{', '.join(map(repr, missing))} not found; pass results.json files or "
+                          "the --out directories of 'editkit eval' runs")
+    if args.out:
+        check_writable("--out", args.out)
     table = compare(args.results, title=args.title)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

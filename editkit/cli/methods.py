@@ -10,7 +10,10 @@ from editkit.registry import list_adapters, list_methods
 
 def add_parser(subparsers: Any) -> None:
     """Register ``editkit methods``."""
-    methods = subparsers.add_parser("methods", help="list registered methods and model adapters")
+    methods = subparsers.add_parser(
+        "methods", help="list registered methods and model adapters",
+        description="List the registered editing methods (the names --method takes) and the "
+                    "model adapters (the model families editkit can edit).")
     methods.set_defaults(func=run)
 
 

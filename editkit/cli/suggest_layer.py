@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from editkit.cli.trace import common_options, load, records
+from editkit.cli.common import OptionError, check_method, check_number, check_writable, describe
+from editkit.cli.trace import check_common, common_options, load, records
 from editkit.tracing import layer_from_aie, layer_sweep, mlp_aie, plots
 
 
@@ -22,7 +23,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``editkit suggest-layer``."""
     s = subparsers.add_parser(
         "suggest-layer", help="the layer of maximal MLP AIE at the last subject token",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     common_options(s)
     s.add_argument("--sweep", metavar="METHOD",
                    help="also edit at each layer with this method (e.g. rome, ft) and compare")
@@ -35,8 +36,24 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``editkit suggest-layer``; returns the exit status."""
-    model, tokenizer = load(args)
+    check_common(args)
     facts = records(args, 50)
+    sweep_layers = None
+    if args.sweep:
+        check_method(args.sweep)
+        check_number("--sweep-n", args.sweep_n)
+        if args.layers:
+            try:
+                sweep_layers = [int(x) for x in args.layers.split(",") if x.strip()]
+            except ValueError:
+                raise OptionError(f"--layers {args.layers!r}: give comma-separated layer "
+                                  "indices, e.g. 3,4,5") from None
+    elif args.layers or args.sweep_n is not None:
+        raise OptionError("--layers and --sweep-n apply to the --sweep only; add --sweep METHOD "
+                          "or leave them out")
+    if args.out:
+        check_writable("--out", args.out, directory=True)
+    model, tokenizer = load(args)
     aie = mlp_aie(model, tokenizer, facts, window=args.window, samples=args.samples,
                   noise=args.noise, seed=args.seed, batch_size=args.batch_size,
                   progress=not args.no_progress)
@@ -53,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             {"layer": layer, "curve": curve.tolist(), "aie": aie.to_dict()}, indent=1))
         plots.plot_aie({"mlp": aie}, out / "suggest_layer_aie")
     if args.sweep:
-        layers = ([int(x) for x in args.layers.split(",")] if args.layers else None)
+        layers = sweep_layers
         n_sweep = args.sweep_n if args.sweep_n is not None else len(facts)
         sweep = layer_sweep(args.sweep, model, tokenizer, facts[:n_sweep], layers,
                             trace_curve=curve, progress=not args.no_progress)

@@ -21,8 +21,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from editkit.cli.common import FACT_WORLD_NAMES, load_model
-from editkit.errors import DatasetFormatError, EditkitError
+from editkit.cli.common import (
+    MODEL_CHOICES,
+    OptionError,
+    check_device,
+    check_model,
+    check_number,
+    check_writable,
+    describe,
+    is_fact_world,
+    load_model,
+)
+from editkit.errors import DatasetFormatError
 from editkit.testbed import FactWorld
 from editkit.tracing import SEVERED_KINDS, CausalTracer, aie_by_kind, plots, trace_naive
 from editkit.tracing.kinds import check_kinds
@@ -31,8 +41,7 @@ from editkit.tracing.trace import as_trace_requests
 
 def common_options(p: argparse.ArgumentParser) -> None:
     """Options ``trace`` and ``suggest-layer`` share."""
-    p.add_argument("--model", required=True,
-                   help="save_pretrained directory (model + tokenizer), or 'factworld'")
+    p.add_argument("--model", required=True, help=MODEL_CHOICES)
     p.add_argument("--data", help="JSON list of CounterFact records (default for factworld: "
                                   "its own records)")
     p.add_argument("--n", type=int, default=None, help="trace the first N records")
@@ -40,18 +49,30 @@ def common_options(p: argparse.ArgumentParser) -> None:
                    help="MLP/attention window (default: 10 scaled to depth, 10 at 48 layers)")
     p.add_argument("--samples", type=int, default=10, help="noise samples (paper: 10)")
     p.add_argument("--noise", type=float, default=3.0, help="noise = NOISE × σ (paper: 3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--batch-size", type=int, default=512,
                    help="rows (restorations × samples) per forward")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """The options of :func:`common_options`, before the model is loaded."""
+    check_model(args.model)
+    check_device(args.device)
+    for flag, value in (("--n", args.n), ("--window", args.window),
+                        ("--samples", args.samples), ("--batch-size", args.batch_size)):
+        check_number(flag, value)
+    check_number("--noise", args.noise, minimum=0)
+    if args.data is not None:
+        _read_data(args.data)
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``editkit trace``."""
     t = subparsers.add_parser(
         "trace", help="causal tracing: heatmaps of where a model recalls facts",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=describe(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     common_options(t)
     t.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} was born in'")
     t.add_argument("--subject")
@@ -76,25 +97,32 @@ def load(args: argparse.Namespace):
     return load_model(args.model, device=args.device)
 
 
+def _read_data(value: str) -> list:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise OptionError(f"--data {value!r} does not exist; pass a JSON file holding a list of "
+                          "CounterFact records")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DatasetFormatError(f"--data {value!r} is not valid JSON ({exc}); pass a JSON list "
+                                 "of CounterFact records") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DatasetFormatError(
+            f"--data {value!r} must hold a JSON list of CounterFact records (objects)")
+    return data
+
+
 def records(args: argparse.Namespace, n_default: int | None) -> list[dict]:
     """The ``--data`` records (or the fact world's own), the first ``--n`` or ``n_default``."""
     n = args.n if args.n is not None else n_default
     if args.data:
-        path = Path(args.data)
-        if not path.is_file():
-            raise EditkitError(f"--data {args.data!r} does not exist; pass a JSON file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DatasetFormatError(f"--data {args.data!r} is not valid JSON: {exc}") from exc
-        if not isinstance(data, list):
-            raise DatasetFormatError(
-                f"--data {args.data!r} must hold a JSON list of CounterFact records")
+        data = _read_data(args.data)
         return data[:n] if n is not None else data
-    if args.model in FACT_WORLD_NAMES:
+    if is_fact_world(args.model):
         return FactWorld().records(n)
-    raise EditkitError("pass --data FILE (a JSON list of CounterFact records), or "
-                       "--prompt and --subject for a single prompt")
+    raise OptionError("pass --data FILE (a JSON list of CounterFact records), or "
+                      "--prompt and --subject for a single prompt")
 
 
 def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
@@ -117,16 +145,24 @@ def _print_trace(results: dict) -> None:
 # --------------------------------------------------------------------------- trace
 def run(args: argparse.Namespace) -> int:
     """Run ``editkit trace``; returns the exit status."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_common(args)
+    check_number("--examples", args.examples, minimum=0)
     kinds = _kinds(args)
+    if args.prompt or args.subject:
+        if not (args.prompt and args.subject):
+            raise OptionError("--prompt and --subject go together, e.g. --prompt "
+                              "'{} was born in' --subject 'Ada Lovelace'")
+        if args.data:
+            raise OptionError("--data and --prompt/--subject exclude each other; trace one "
+                              "prompt or the records of a file")
+    elif not args.data and not is_fact_world(args.model):
+        records(args, 100)  # the "pass --data" error, before loading the model
+    out = check_writable("--out", args.out, directory=True)
+    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load(args)
     start = time.perf_counter()
 
     if args.prompt or args.subject:
-        if not (args.prompt and args.subject):
-            raise EditkitError("--prompt and --subject go together, e.g. --prompt "
-                               "'{} was born in' --subject 'Ada Lovelace'")
         texts = [args.subject]
         prompts = [(args.prompt, args.subject, args.target)]
     else:
