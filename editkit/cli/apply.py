@@ -25,7 +25,7 @@ def add_parser(subparsers: Any) -> None:
     """Register ``editkit apply``."""
     cmd = subparsers.add_parser(
         "apply", help="apply a saved patch (.safetensors) to a model",
-        description="Validate a patch file written by `editkit edit --save` or Patch.save, "
+        description="Validate a patch file written by 'editkit edit --save' or Patch.save, "
                     "apply it to --model (all or nothing), probe its edited prompts and "
                     "optionally save the edited model.")
     cmd.add_argument("patch", help="the patch file (.safetensors)")

@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     requests, overrides = _check(args)
     model, tok = load_model(args.model, args.device)
     editor = build_editor(args.method, model, tok, args.hparams, overrides)
+    editor.check_request_lengths(requests)  # before the probes run the model on the prompts
     probes = [(r, p) for r in requests for p in (r.text, *r.paraphrases)]
     before = [probe(model, tok, "before", p, r.target_new, r.target_true) for r, p in probes]
     t0 = time.perf_counter()
