@@ -65,8 +65,8 @@ class HookSet:
 class Trace(HookSet):
     """Hook several modules of ``model`` by name for the duration of a ``with`` block.
 
-    - ``retain_input`` / ``retain_output``: store the (first positional) input and the hidden
-      output of each module in ``self.inputs[name]`` / ``self.outputs[name]``.
+    - ``retain_input`` / ``retain_output``: store the (first positional) input and (a copy of)
+      the hidden output of each module in ``self.inputs[name]`` / ``self.outputs[name]``.
     - ``edit_output(name, hidden) -> hidden``: replace each module's hidden output.
     - ``stop``: raise ``StopForward`` after the last listed module (in forward order) has run;
       the ``with`` block swallows it, so ``with Trace(..., stop=True): model(x)`` just ends early.
@@ -104,7 +104,9 @@ class Trace(HookSet):
             if self._edit is not None:
                 output = with_hidden(output, self._edit(name, hidden_of(output)))
             if self._retain_output:
-                self.outputs[name] = self._keep(hidden_of(output))
+                # a copy: a family's forward may add to a module's output in place after the
+                # module returns (Falcon: ``mlp_output += attention_output``)
+                self.outputs[name] = self._keep(hidden_of(output)).clone()
             self._remaining.discard(name)
             if self._stop and not self._remaining:
                 raise StopForward

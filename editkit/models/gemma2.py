@@ -12,26 +12,15 @@ them to the residual stream; the MLP output ``mlp.down_proj`` is still "the edit
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from torch import nn
-
-from editkit.models.adapter import ModelAdapter
-from editkit.models.llama import ADAPTER as LLAMA
+from editkit.models.gemma import GemmaAdapter, llama_map
 
 
 @dataclass(frozen=True)
-class Gemma2Adapter(ModelAdapter):
-    """:class:`ModelAdapter` with Gemma's √d embedding scale."""
-
-    def embedding_scale(self, model: nn.Module) -> float:
-        return math.sqrt(model.config.hidden_size)
+class Gemma2Adapter(GemmaAdapter):
+    """:class:`ModelAdapter` with Gemma's √d embedding scale (as :class:`GemmaAdapter`)."""
 
 
 #: LLaMA's module map (Gemma's module names are LLaMA's), the soft cap declared.
-ADAPTER = Gemma2Adapter(**{
-    **{f.name: getattr(LLAMA, f.name) for f in fields(LLAMA)},
-    "name": "gemma2",
-    "logit_softcap": "final_logit_softcapping",
-})
+ADAPTER = Gemma2Adapter(**llama_map(name="gemma2", logit_softcap="final_logit_softcapping"))
