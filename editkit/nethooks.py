@@ -5,6 +5,7 @@ Hooks exist only inside a ``with`` block and are removed in ``finally``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,6 +27,24 @@ def hidden_of(output: Any) -> torch.Tensor:
 def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
     """``output`` with its hidden-state tensor replaced by ``hidden``."""
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The first tensor among a call's positional, then keyword arguments (a block's hidden
+    state), or ``None``."""
+    return next((x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), None)
+
+
+def as_tokens(t: torch.Tensor, grid: torch.Size | None) -> torch.Tensor:
+    """``t`` viewed as ``(*grid, d)`` if it is a ``(rows, d)`` matrix of ``prod(grid)`` rows.
+
+    Some families run a sublayer on the residual stream flattened to (batch·tokens, d) rows
+    (OPT's ``fc1``/``fc2``); ``grid`` is the (batch, tokens) of the enclosing module's input,
+    so hooks index a token as they do in every other family. Anything else is unchanged.
+    """
+    if grid is None or t.dim() != 2 or len(grid) < 2 or math.prod(grid) != t.shape[0]:
+        return t
+    return t.view(*grid, t.shape[-1])
 
 
 EditFn = Callable[[str, torch.Tensor], torch.Tensor]
@@ -92,21 +111,28 @@ class Trace(HookSet):
         self._retain_input, self._retain_output = retain_input, retain_output
         self._edit, self._stop, self._detach = edit_output, stop, detach
         self._remaining: set[str] = set()
+        # (batch, tokens) of each hooked module's parent's last input: see as_tokens
+        self._parent = {name: name.rpartition(".")[0] for name in self.names}
+        self._grid: dict[str, torch.Size] = {}
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach() if self._detach else t
 
     def _hook(self, name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any):
+            grid = self._grid.get(self._parent[name])
             if self._retain_input:
                 x = args[0] if args else next(iter(kwargs.values()))
-                self.inputs[name] = self._keep(x)
+                self.inputs[name] = self._keep(as_tokens(x, grid))
             if self._edit is not None:
-                output = with_hidden(output, self._edit(name, hidden_of(output)))
+                h = hidden_of(output)
+                new = self._edit(name, as_tokens(h, grid))
+                output = with_hidden(output, new.reshape(h.shape) if new.dim() != h.dim()
+                                     else new)
             if self._retain_output:
                 # a copy: a family's forward may add to a module's output in place after the
                 # module returns (Falcon: ``mlp_output += attention_output``)
-                self.outputs[name] = self._keep(hidden_of(output)).clone()
+                self.outputs[name] = self._keep(as_tokens(hidden_of(output), grid)).clone()
             self._remaining.discard(name)
             if self._stop and not self._remaining:
                 raise StopForward
@@ -114,8 +140,19 @@ class Trace(HookSet):
 
         return hook
 
+    def _grid_hook(self, parent: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = first_tensor(args, kwargs)
+            if x is not None and x.dim() >= 3:
+                self._grid[parent] = x.shape[:-1]
+        return hook
+
     def install(self) -> None:
         self._remaining = set(self.names)
+        for parent in dict.fromkeys(self._parent.values()):
+            if parent:  # a block (the model itself is called with token ids)
+                self._handles.append(self._model.get_submodule(parent).register_forward_pre_hook(
+                    self._grid_hook(parent), with_kwargs=True))
         for name in self.names:
             module = self._model.get_submodule(name)
             self._handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))

@@ -47,8 +47,6 @@ VARIANTS: dict[str, tuple[str, str, dict, str]] = {
 }
 #: families whose embeddings are scaled by √d before block 0
 SCALED = {"gemma", "gemma2", "gemma3_text"}
-#: registered (editable, traceable); OPT's adapter is not registered: see test_opt_...
-REGISTERED = [v for v in VARIANTS if VARIANTS[v][1] != "opt"]
 
 
 def tiny_family_config(variant: str, vocab_size: int, n_layers: int = 3):
@@ -77,7 +75,7 @@ def adapter_of(variant: str):
     return importlib.import_module(f"editkit.models.{VARIANTS[variant][0]}").ADAPTER
 
 
-@pytest.fixture(scope="module", params=REGISTERED)
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def family(request, bytelevel_tokenizer):
     """(variant, model, tokenizer, adapter); weights scaled up (×10: the default init gives
     near-uniform predictions) so that restorations and edits move P(answer) by far more than
@@ -106,8 +104,7 @@ def _pyproject_adapters() -> dict[str, str]:
 
 def test_entry_points_name_the_adapters():
     table = _pyproject_adapters()
-    assert "opt" not in table  # see test_opt_mlp_runs_on_flattened_tokens
-    for variant in REGISTERED:
+    for variant in VARIANTS:
         model_type = VARIANTS[variant][1]
         module, attr = table[model_type].split(":")
         adapter = getattr(importlib.import_module(module), attr)
@@ -134,7 +131,6 @@ def test_unknown_model_type_points_at_the_docs():
 
 
 # ------------------------------------------------------------------------- module map
-@pytest.mark.parametrize("family", list(VARIANTS), indirect=True)
 def test_slots_resolve_and_kv_view_maps_keys_to_values(family):
     variant, model, tok, adapter = family
     n = adapter.num_layers(model)
@@ -157,7 +153,6 @@ def test_slots_resolve_and_kv_view_maps_keys_to_values(family):
 
 
 # --------------------------------------------------- behaviour: head, block call, embedding
-@pytest.mark.parametrize("family", list(VARIANTS), indirect=True)
 def test_block_calls_and_head_reproduce_the_forward(family):
     from editkit.replay import BlockCalls, BlockReplay
 
@@ -215,6 +210,9 @@ REQUEST = editkit.EditRequest("{} is located in the city of", "The Eiffel Tower"
                               "Paris")
 
 
+# opt-350m's random ReLU MLP has units that never fire on the statistics text, so its C is
+# singular (a typed StatsError): OPT's ROME path is covered by "opt", its head by the tests above
+@pytest.mark.parametrize("family", [v for v in VARIANTS if v != "opt-350m"], indirect=True)
 def test_rome_inserts_the_value_and_reverts_exactly(family, tmp_path):
     from conftest import snapshot, state_equal
 
@@ -265,18 +263,36 @@ def test_fast_tracer_equals_the_oracle(family):
 
 # ---------------------------------------------------------------------------------- OPT
 @pytest.mark.parametrize("family", ["opt", "opt-350m"], indirect=True)
-def test_opt_mlp_runs_on_flattened_tokens(family):
-    """Why OPT's adapter (module map and head, checked above) is not registered: its decoder
-    layer reshapes the residual stream to (batch·tokens, d) before ``fc1``/``fc2``, so hooks on
-    the MLP see rows, not (batch, token) positions, and every consumer that indexes the edited
-    token (ROME/MEMIT keys and values, causal tracing) would index the wrong entries. If this
-    fails, transformers keeps OPT's MLP 3-D: register the adapter in pyproject.toml."""
+def test_opt_mlp_rows_are_seen_as_tokens(family):
+    """OPT's decoder layer flattens the residual stream to (batch·tokens, d) rows before
+    ``fc1``/``fc2``; editkit's hooks view those rows as the block's (batch, tokens) so that
+    keys, values, edits and restorations index a token as in every other family."""
     variant, model, tok, adapter = family
-    ids = _ids(tok)
+    ids = torch.cat([_ids(tok)] * 2)
     name = adapter.module_name("mlp_out", 1)
-    with Trace(model, [name], retain_input=True, retain_output=True) as tr, torch.no_grad():
+    raw = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, o: raw.append(o))
+    try:
+        with Trace(model, [name], retain_input=True, retain_output=True) as tr, \
+                torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    assert raw[0].shape == (ids.numel(), H)  # what the module itself returns
+    assert tr.inputs[name].shape == (*ids.shape, 96) and tr.outputs[name].shape == (*ids.shape, H)
+    torch.testing.assert_close(tr.outputs[name].reshape(-1, H), raw[0])
+    # an edit made on the token view lands on that token's row
+    delta = torch.randn(H)
+
+    def add(_, h):
+        assert h.shape == (*ids.shape, H)
+        h = h.clone()
+        h[1, 3] += delta
+        return h
+
+    with Trace(model, [name], edit_output=add, retain_output=True) as edited, torch.no_grad():
         model(ids)
-    assert tr.inputs[name].shape == (ids.numel(), 96)
-    assert tr.outputs[name].shape == (ids.numel(), H)
-    with pytest.raises(editkit.UnsupportedModelError, match="docs/adapters.md"):
-        editkit.get_adapter(model)
+    diff = edited.outputs[name] - tr.outputs[name]
+    torch.testing.assert_close(diff[1, 3], delta)
+    diff[1, 3] = 0
+    assert not diff.any()  # and nowhere else

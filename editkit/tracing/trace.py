@@ -89,7 +89,7 @@ from tqdm.auto import tqdm
 
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError, ReplayMismatchError
 from editkit.models import compat
-from editkit.nethooks import Trace, hidden_of, with_hidden
+from editkit.nethooks import Trace, as_tokens, first_tensor, hidden_of, with_hidden
 from editkit.replay import BlockCalls, Call, expand_batch
 from editkit.requests import EditRequest
 from editkit.tracing.corruption import (
@@ -170,9 +170,13 @@ class _BatchHooks:
         self.trim: set[str] = set()
         self._length: dict[str, int] = {}
         self._handles: list[Any] = []
+        self._grid: dict[int, torch.Size] = {}  # layer -> (batch, tokens) of its block call
 
     def install(self, edited: Mapping[tuple[str, int], nn.Module],
-                trimmed: Mapping[str, nn.Module]) -> None:
+                trimmed: Mapping[str, nn.Module], blocks: nn.ModuleList | None = None) -> None:
+        for layer, block in enumerate(blocks or ()):  # see editkit.nethooks.as_tokens
+            self._handles.append(block.register_forward_pre_hook(
+                functools.partial(self._record_grid, layer), with_kwargs=True))
         for name, module in trimmed.items():  # before the edit hooks: they see full length
             self._handles.append(module.register_forward_pre_hook(
                 functools.partial(self._trim_input, name)))
@@ -207,12 +211,20 @@ class _BatchHooks:
         full[:, -1:] = h
         return with_hidden(output, full)
 
+    def _record_grid(self, layer: int, module, args, kwargs) -> None:
+        x = first_tensor(args, kwargs)
+        if x is not None and x.dim() >= 3:
+            self._grid[layer] = x.shape[:-1]
+
     def _edit_output(self, slot: str, layer: int, module, args, output):
         if self.edit is None:
             return None
         h = hidden_of(output)
-        new = self.edit(slot, layer, h)
-        return None if new is h else with_hidden(output, new)
+        viewed = as_tokens(h, self._grid.get(layer))  # rows of a flattened sublayer (OPT)
+        new = self.edit(slot, layer, viewed)
+        if new is viewed:
+            return None
+        return with_hidden(output, new.reshape(h.shape) if viewed is not h else new)
 
 
 @dataclass
@@ -363,7 +375,7 @@ class CausalTracer:
         hooks = _BatchHooks()
         self._hooks = hooks
         try:
-            hooks.install(edited, trimmed)
+            hooks.install(edited, trimmed, self._blocks)
             yield hooks
         finally:
             hooks.remove()
