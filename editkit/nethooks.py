@@ -30,9 +30,10 @@ def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
 
 
 def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
-    """The first tensor among a call's positional, then keyword arguments (a block's hidden
-    state), or ``None``."""
-    return next((x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)), None)
+    """A call's hidden state: its first positional argument or ``hidden_states`` keyword if a
+    tensor (a mask passed first by keyword must not be taken for it), else ``None``."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    return x if isinstance(x, torch.Tensor) else None
 
 
 def as_tokens(t: torch.Tensor, grid: torch.Size | None) -> torch.Tensor:
