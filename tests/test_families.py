@@ -109,6 +109,12 @@ def test_entry_points_name_the_adapters():
         module, attr = table[model_type].split(":")
         adapter = getattr(importlib.import_module(module), attr)
         assert adapter is adapter_of(variant) and adapter.name == model_type
+        # what the registry checks of an entry point's object (no stale install needed)
+        registry = editkit.registry.Registry("model adapter", "editkit.tests.none",
+                                             editkit.registry._is_adapter,
+                                             editkit.UnsupportedModelError, "")
+        registry.register(model_type, table[model_type])
+        assert registry.get(model_type) is adapter
 
 
 def test_list_adapters_lists_them():
