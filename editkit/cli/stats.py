@@ -17,7 +17,6 @@ reads every k-th text, the sums are all-reduced, and rank 0 writes the cache and
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from editkit.cli.common import (
     is_fact_world,
     load_model,
 )
+from editkit.distributed import join_torchrun, leave
 from editkit.registry import TEXT_SOURCES, get_adapter
 from editkit.stats import default_cache_dir, second_moment
 
@@ -64,24 +64,8 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _join_torchrun(device: str) -> tuple[bool, str]:
-    """Join the process group ``torchrun`` describes in the environment when ``WORLD_SIZE`` > 1.
-
-    Returns whether this call created the group (and must destroy it) and the device this
-    process computes on (``cuda`` becomes ``cuda:<LOCAL_RANK>``).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
-        return False, device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
-        torch.cuda.set_device(torch.device(device))
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    # torchrun sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE: the default env:// init.
-    torch.distributed.init_process_group(backend)
-    return True, device
+#: Kept importable under its former name; the helper lives in :mod:`editkit.distributed`.
+_join_torchrun = join_torchrun
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, device)
     finally:
-        if created:
-            torch.distributed.barrier()  # no rank tears the group down while another talks
-            torch.distributed.destroy_process_group()
+        leave(created)
 
 
 def _layers(spec: list[str]) -> list[int] | None:
