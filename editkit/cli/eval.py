@@ -18,6 +18,7 @@ from typing import Any
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     check_device,
     check_method,
     check_model,
@@ -78,6 +79,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--references", default=None, help="JSON {key: [texts]} for RS")
     p.add_argument("--max-rows", type=int, default=128, help="scoring rows per forward pass")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_option(p)
     p.add_argument("--skip-errors", action="store_true",
                    help="record failed edits in the report instead of stopping")
     p.add_argument("--no-raw", action="store_true",
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     records = load_dataset(args.data, args.format, args.n, split=args.split, seed=args.seed,
                            zsre_target=args.zsre_target)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_model(args.model, args.device, dtype=args.model_dtype)
     label = Path(args.data).name if Path(args.data).exists() else args.data
     report = evaluate(
         args.method, model, tokenizer, records, protocol=args.protocol, metrics=metrics,

@@ -26,6 +26,7 @@ import torch
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     check_device,
     check_model,
     check_number,
@@ -60,6 +61,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
     p.add_argument("--cache-dir", default=None, help="default $EDITKIT_CACHE/stats")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    # --dtype is the stored matrices' dtype here (it predates the model option).
+    add_dtype_option(p, "--model-dtype")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -111,7 +114,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
         check_number(flag, value)
     if args.cache_dir:
         check_writable("--cache-dir", args.cache_dir, directory=True)
-    model, tokenizer = load_model(args.model, device=device)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.model_dtype)
     texts = args.texts or (FACT_WORLD if is_fact_world(args.model) else "wikitext")
     adapter = get_adapter(model)
     n_layers = adapter.num_layers(model)

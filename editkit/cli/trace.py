@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     check_device,
     check_model,
     check_number,
@@ -53,6 +54,7 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512,
                    help="rows (restorations × samples) per forward")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -94,7 +96,7 @@ def add_parser(subparsers: Any) -> None:
 # --------------------------------------------------------------------------- helpers
 def load(args: argparse.Namespace):
     """The ``--model`` on ``--device``."""
-    return load_model(args.model, device=args.device)
+    return load_model(args.model, device=args.device, dtype=args.model_dtype)
 
 
 def _read_data(value: str) -> list:
