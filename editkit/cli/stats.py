@@ -12,6 +12,11 @@ and a warning says how many.
 Under ``torchrun --nproc_per_node k -m editkit.cli stats ...`` (``WORLD_SIZE`` > 1) each process
 joins the process group torchrun describes (gloo on CPU, NCCL on CUDA, one GPU per local rank),
 reads every k-th text, the sums are all-reduced, and rank 0 writes the cache and prints.
+
+``--export DIR`` also writes the matrices for others to reuse (``mom2.safetensors`` + the card
+``editkit_stats.json``: model fingerprint and revision, layers, text source, samples, max
+length, dtype, editkit version); ``second_moment(..., source=DIR)`` or ``mom2_dataset=DIR``
+load them and refuse them for another model or other settings.
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ from editkit.cli.common import (
 )
 from editkit.distributed import join_torchrun, leave
 from editkit.registry import TEXT_SOURCES, get_adapter
-from editkit.stats import default_cache_dir, second_moment
+from editkit.stats import (
+    STATS_CARD,
+    STATS_TENSORS,
+    default_cache_dir,
+    export_statistics,
+    second_moment,
+)
 
 FACT_WORLD = "fact_world"
 
@@ -63,6 +74,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     # --dtype is the stored matrices' dtype here (it predates the model option).
     add_dtype_option(p, "--model-dtype")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the matrices as shareable statistics to DIR (safetensors, "
+                        "one tensor per layer, + a JSON card identifying the model and "
+                        "settings), for second_moment(source=DIR) / mom2_dataset=DIR")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -114,6 +129,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
         check_number(flag, value)
     if args.cache_dir:
         check_writable("--cache-dir", args.cache_dir, directory=True)
+    if args.export:
+        check_writable("--export", args.export, directory=True)
     model, tokenizer = load_model(args.model, device=device, dtype=args.model_dtype)
     texts = args.texts or (FACT_WORLD if is_fact_world(args.model) else "wikitext")
     adapter = get_adapter(model)
@@ -137,4 +154,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
         print(f"layer {layer}: C {tuple(c.shape)} {c.dtype}, trace {float(c.trace()):.4g}")
     shared = f" over {world} processes" if world > 1 else ""
     print(f"{len(result)} layer(s) in {seconds:.1f}s{shared}; cached under {where}")
+    if args.export:
+        exported = export_statistics(model, result, args.export, tokenizer=tokenizer,
+                                     texts=texts, n_samples=args.n_samples,
+                                     max_length=args.max_length, adapter=adapter)
+        print(f"exported to {exported}/ ({STATS_TENSORS} + {STATS_CARD})")
     return 0
