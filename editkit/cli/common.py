@@ -27,8 +27,7 @@ FACT_WORLD_NAMES = ("factworld", "fact_world", "fact-world")
 MODEL_CHOICES = ("'factworld' (or fact_world, fact-world), 'smollm2', a save_pretrained "
                  "directory or a hub id (org/name)")
 
-#: ``--dtype`` choices of the model's weights. editkit's own numerics (C, solves, v*/z,
-#: scoring) run in float32 whatever the weights are; only the final delta takes their dtype.
+#: ``--dtype`` choices of the model's weights (the model is loaded in that dtype).
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 #: A hub repository id: ``org/name`` (one slash, the hub's allowed characters).
@@ -247,8 +246,7 @@ def add_dtype_option(p: argparse.ArgumentParser, flag: str = "--dtype") -> None:
     """The model-weight dtype option (``args.model_dtype``); argparse checks the choice before
     anything is loaded."""
     p.add_argument(flag, dest="model_dtype", default="float32", choices=MODEL_DTYPES,
-                   help="dtype of the model's weights (default float32); editkit's own "
-                        "numerics run in float32 and only the final delta takes this dtype")
+                   help="dtype the model's weights are loaded in (default float32)")
 
 
 def check_dtype(dtype: str, flag: str = "--dtype") -> torch.dtype:
