@@ -122,10 +122,13 @@ WORKER = textwrap.dedent("""
     traces = trace_records(model, tok, records, kinds="hidden", samples=2, progress=False,
                            group=group)
     report = evaluate("ft", model, tok, records, progress=False, group=group)
+    batch = evaluate("ft", model, tok, records, protocol="batch", batch_size=2, progress=False,
+                     group=group)
     if torch.distributed.get_rank() == 0:
         with open(sys.argv[1], "wb") as f:
             pickle.dump({"traces": [{k: r.to_dict() for k, r in t.items()} for t in traces],
-                         "records": report.records, "aggregate": report.aggregate}, f)
+                         "records": report.records, "aggregate": report.aggregate,
+                         "batch": batch.records}, f)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 """)
@@ -144,6 +147,9 @@ def test_trace_records_and_evaluate_accept_a_process_group(tmp_path):
     report = evaluate("ft", model, tok, records, progress=False)
     assert got["records"] == report.records
     assert got["aggregate"] == report.aggregate
+    # the batch protocol shards whole batches ([0, 1] on rank 0, [2] on rank 1)
+    batch = evaluate("ft", model, tok, records, protocol="batch", batch_size=2, progress=False)
+    assert got["batch"] == batch.records
 
 
 # ------------------------------------------------------------- --dtype and hub ids

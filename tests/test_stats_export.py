@@ -75,7 +75,7 @@ def test_a_rome_editor_uses_exported_statistics_as_its_mom2_dataset(model_tok, e
     hp = ROMEHyperParams.from_dict({**hp.to_dict(), "layer": 2, "mom2_dataset": str(directory),
                                     "mom2_n_samples": 16, "mom2_max_length": 24})
     editor = ROME(model, tok, hp)
-    editor._prepare_statistics([2])
+    editor.prepare()  # statistics from the export: no texts to read
     assert torch.equal(editor.covariances[2].to(c[2].dtype), c[2])
 
 
