@@ -13,6 +13,7 @@ command line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -82,6 +83,12 @@ def join_torchrun(device: str) -> tuple[bool, str]:
         backend = "gloo"
     # torchrun sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE: the default env:// init.
     torch.distributed.init_process_group(backend)
+    if torch.distributed.get_rank() != 0:
+        # Only rank 0 shows progress: transformers' own bars (loading weights) too.
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
     return True, device
 
 
