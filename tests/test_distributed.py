@@ -217,3 +217,23 @@ def test_a_local_directory_is_never_taken_for_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "org" / "name").mkdir(parents=True)
     with pytest.raises(editkit.EditkitError, match="no config.json"):
         check_model("org/name")
+
+
+def test_a_cached_hub_id_loads_offline_in_the_requested_dtype(gpt2_and_tok, tmp_path):
+    """A hub id whose snapshot is in the hub cache loads with HF_HUB_OFFLINE=1 (no network)."""
+    model, tok = gpt2_and_tok
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-org--tiny-gpt2"
+    model.save_pretrained(repo / "snapshots" / commit)
+    tok.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": str(REPO)}
+    code = ("from editkit.cli.common import load_model\n"
+            "m, t = load_model('some-org/tiny-gpt2', dtype='bfloat16')\n"
+            "print(type(m).__name__, {str(p.dtype) for p in m.parameters()}, len(t))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["GPT2LMHeadModel", "{'torch.bfloat16'}", str(len(tok))]
