@@ -66,7 +66,10 @@ __all__ = [
     "NAMED_SOURCES",
     "TextSource",
     "default_cache_dir",
+    "export_statistics",
     "generate_texts",
+    "is_exported_statistics",
+    "load_statistics",
     "model_fingerprint",
     "second_moment",
     "text_source",
@@ -450,6 +453,7 @@ def second_moment(
     use_cache: bool = True,
     checkpoint_every: int = 50,
     progress: bool = True,
+    source: str | os.PathLike | None = None,
 ) -> dict[int, torch.Tensor]:
     """``C = E[k kᵀ]`` of the edited matrix's input keys, for each layer in ``layers``.
 
@@ -468,6 +472,11 @@ def second_moment(
         use_cache: Read and write the on-disk cache (checkpoints included).
         checkpoint_every: Batches between checkpoints of the partial sums.
         progress: Show a tqdm bar with tokens/s.
+        source: Exported statistics to load instead of computing them: a directory written
+            by :func:`export_statistics` (``editkit stats --export``) or a hub repository id;
+            see :func:`load_statistics`, which refuses them for another model or other
+            ``n_samples``/``max_length``. ``texts`` naming such a directory (e.g. a method's
+            ``mom2_dataset``) does the same.
 
     Returns:
         ``{layer: C}`` with ``C`` of shape ``(d_key, d_key)`` on the CPU.
@@ -503,6 +512,12 @@ def second_moment(
         logger.info("statistics texts clipped from max_length=%d to the model's context size "
                     "of %d tokens", max_length, ctx)
         max_length = ctx
+    if source is None and is_exported_statistics(texts):
+        source = texts
+    if source is not None:  # shared statistics: loaded and checked, never recomputed
+        return load_statistics(source, model, layer_list, tokenizer=tokenizer,
+                               n_samples=n_samples, max_length=max_length, dtype=dtype,
+                               adapter=adapter)
 
     source = text_source(texts, n_samples, model=model, tokenizer=tokenizer,
                          generated_length=min(max_length, 128))
@@ -640,3 +655,232 @@ def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSour
 
 def _in_features(adapter: Any, module: nn.Module) -> int:
     return int(adapter.kv_view(module.weight).shape[1])
+
+
+# ------------------------------------------------------------ shareable statistics
+#: The card (JSON) and tensor file names of an exported statistics directory.
+STATS_CARD = "editkit_stats.json"
+STATS_TENSORS = "mom2.safetensors"
+#: Bumped when the exported layout or the meaning of a card field changes.
+EXPORT_FORMAT = 1
+
+
+def _tensor_sha(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _model_identity(model: nn.Module, adapter: Any) -> dict[str, Any]:
+    """What an exported card records about the model, beside the per-layer fingerprints."""
+    config = getattr(model, "config", None)
+    d_key = _in_features(adapter, adapter.module(model, "mlp_out", 0))
+    return {
+        "model_type": str(getattr(config, "model_type", "?")),
+        "name_or_path": str(getattr(config, "name_or_path", "") or ""),
+        # A hub snapshot's commit when the model came from the hub (transformers records it).
+        "revision": getattr(config, "_commit_hash", None),
+        "n_layers": int(adapter.num_layers(model)),
+        "d_key": d_key,
+        "weights_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }
+
+
+def export_statistics(model: nn.Module, covariances: Mapping[int, torch.Tensor],
+                      directory: str | os.PathLike, *, tokenizer: Any, texts: Any = None,
+                      n_samples: int = 100_000, max_length: int | None = None,
+                      adapter: Any = None) -> Path:
+    """Write ``covariances`` (``{layer: C}``, as :func:`second_moment` returns them) to
+    ``directory`` for others to reuse: ``mom2.safetensors`` (one tensor ``layer.<l>`` per
+    layer) and the card ``editkit_stats.json``.
+
+    The card records what the statistics are statistics *of*, so that a loader can refuse
+    them for another model or other settings: the model's type, size, hub revision and, per
+    layer, the fingerprint of the weights that shape that layer's keys
+    (:func:`model_fingerprint`); the tokenizer's fingerprint; the text source, ``n_samples``,
+    ``max_length`` and dtype; a SHA-256 of every tensor; the editkit version. ``texts``,
+    ``n_samples`` and ``max_length`` are the settings the matrices were computed with.
+
+    Returns the directory.
+    """
+    from editkit._version import __version__
+
+    adapter = adapter if adapter is not None else get_adapter(model)
+    if not covariances:
+        raise StatsError("no statistics to export; pass {layer: C} as second_moment returns it")
+    layers = sorted(int(x) for x in covariances)
+    for layer in layers:
+        adapter.check_layer(model, layer, "layer")
+    identity = _model_identity(model, adapter)
+    tensors = {f"layer.{layer}": covariances[layer].detach().contiguous().cpu()
+               for layer in layers}
+    for layer in layers:
+        shape = tuple(tensors[f"layer.{layer}"].shape)
+        if shape != (identity["d_key"], identity["d_key"]):
+            raise StatsError(f"C of layer {layer} has shape {shape}; this model's keys have "
+                             f"width {identity['d_key']}, so it is not this model's statistics")
+    dtypes = {str(t.dtype).replace("torch.", "") for t in tensors.values()}
+    ctx = context_length(model)
+    if max_length is None:
+        max_length = min(ctx or 1024, 1024)
+    if ctx is not None:  # as second_moment clips it, so that the card says what was used
+        max_length = min(max_length, ctx)
+    source = text_source(texts, n_samples, model=model, tokenizer=tokenizer,
+                         generated_length=min(max_length, 128))
+    card = {
+        "format": EXPORT_FORMAT,
+        "editkit_version": __version__,
+        "what": "C = E[k kᵀ] of the mlp_out input keys (ROME eq. 2, MEMIT eq. 11)",
+        "model": {**identity,
+                  "fingerprints": {str(x): model_fingerprint(model, adapter, x)
+                                   for x in layers}},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "layers": layers,
+        "text_source": {"identity": source.identity, "description": source.description},
+        "n_samples": n_samples,
+        "max_length": max_length,
+        "dtype": dtypes.pop() if len(dtypes) == 1 else sorted(dtypes),
+        "sha256": {key: _tensor_sha(t) for key, t in tensors.items()},
+    }
+    out = Path(directory).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=STATS_TENSORS, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"editkit_stats": json.dumps({"format": EXPORT_FORMAT})})
+        os.replace(tmp, out / STATS_TENSORS)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    # The card last: a directory with a card holds complete tensors.
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=STATS_CARD, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(card, f, indent=1, ensure_ascii=False)
+    os.replace(tmp, out / STATS_CARD)
+    return out
+
+
+def is_exported_statistics(value: Any) -> bool:
+    """Whether ``value`` is a path to a directory written by :func:`export_statistics`."""
+    if not isinstance(value, (str, os.PathLike)):
+        return False
+    path = Path(value).expanduser()
+    return path.is_dir() and (path / STATS_CARD).is_file()
+
+
+def _stats_directory(source: str | os.PathLike, revision: str | None) -> Path:
+    """A local export directory, or a hub repository's snapshot (downloaded once)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / STATS_CARD).is_file():
+            raise StatsError(f"{str(path)!r} holds no {STATS_CARD}; pass a directory written by "
+                             "editkit stats --export DIR (or export_statistics)")
+        return path
+    repo = str(source)
+    if repo.count("/") != 1 or path.exists():
+        raise StatsError(f"statistics source {repo!r} is neither an export directory nor a hub "
+                         "repository id (org/name); pass one written by editkit stats --export")
+    from editkit.editor import _hub_offline, _hub_unreachable
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise StatsError(f"loading statistics from the hub repository {repo!r} needs "
+                         "huggingface_hub (pip install huggingface_hub)") from exc
+    patterns = [STATS_CARD, STATS_TENSORS]
+    try:  # a cached snapshot needs no network
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns,
+                                      local_files_only=True))
+    except Exception as exc:
+        local_error = exc
+    why = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if _hub_offline()
+           else _hub_unreachable())
+    if why is not None:
+        raise StatsError(
+            f"the statistics repository {repo!r} is not in the local hub cache and the hub "
+            f"cannot be reached ({why}); download it where there is network "
+            f"(huggingface-cli download {repo}) and pass its directory, or compute the "
+            "statistics here with editkit stats") from local_error
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise StatsError(f"cannot download statistics from the hub repository {repo!r} "
+                         f"({type(exc).__name__}: {exc}); check the id and your access") from exc
+
+
+def load_statistics(source: str | os.PathLike, model: nn.Module,
+                    layers: int | Sequence[int] | None = None, *, tokenizer: Any = None,
+                    n_samples: int | None = None, max_length: int | None = None,
+                    dtype: str | None = None, adapter: Any = None,
+                    revision: str | None = None) -> dict[int, torch.Tensor]:
+    """``{layer: C}`` from an export directory or hub repository (``org/name``) written by
+    :func:`export_statistics`, after checking that its card matches ``model``.
+
+    Refused with :class:`StatsError`: a card of another model (type, layer count, key width,
+    or the fingerprint of the weights that shape a requested layer's keys), another
+    tokenizer (when ``tokenizer`` is given), other settings (``n_samples`` / ``max_length``
+    when given), a layer the export lacks, or tensors whose SHA-256 differs from the card's
+    (a damaged or altered file). ``dtype`` converts the matrices (default: as stored).
+    """
+    adapter = adapter if adapter is not None else get_adapter(model)
+    root = _stats_directory(source, revision)
+    where = str(source)
+    try:
+        card = json.loads((root / STATS_CARD).read_text(encoding="utf-8"))
+        if not isinstance(card, dict):
+            raise ValueError("the card is not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise StatsError(f"the statistics card {str(root / STATS_CARD)!r} cannot be read "
+                         f"({exc}); export the statistics again") from None
+    if card.get("format") != EXPORT_FORMAT:
+        raise StatsError(f"statistics at {where!r} have export format {card.get('format')!r}; "
+                         f"this editkit reads format {EXPORT_FORMAT}; export them again")
+    stored = [int(x) for x in card.get("layers", [])]
+    wanted = stored if layers is None else (
+        [layers] if isinstance(layers, int) else sorted(set(layers)))
+    for layer in wanted:
+        adapter.check_layer(model, layer, "layer")
+    missing = [x for x in wanted if x not in stored]
+    if missing:
+        raise StatsError(f"statistics at {where!r} hold layers {stored}, not {missing}; export "
+                         "them for those layers too (editkit stats --layers ... --export)")
+    mine = _model_identity(model, adapter)
+    theirs = card.get("model") or {}
+    for key in ("model_type", "n_layers", "d_key"):
+        if theirs.get(key) != mine[key]:
+            raise StatsError(f"statistics at {where!r} are of another model: {key} "
+                             f"{theirs.get(key)!r} in the card, {mine[key]!r} here; use "
+                             "statistics exported from this model")
+    for layer in wanted:
+        if (theirs.get("fingerprints") or {}).get(str(layer)) != model_fingerprint(
+                model, adapter, layer):
+            raise StatsError(
+                f"statistics at {where!r} were computed on other weights: the fingerprint of "
+                f"the weights that shape layer {layer}'s keys differs (another checkpoint, an "
+                f"edited or fine-tuned model, or weights in {theirs.get('weights_dtype')} "
+                f"rather than {mine['weights_dtype']}); use statistics exported from this "
+                "model or compute them with editkit stats")
+    if tokenizer is not None and card.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise StatsError(f"statistics at {where!r} were computed with another tokenizer; use "
+                         "the model's own tokenizer's statistics")
+    for key, value in (("n_samples", n_samples), ("max_length", max_length)):
+        if value is not None and card.get(key) != value:
+            raise StatsError(f"statistics at {where!r} were computed with {key}="
+                             f"{card.get(key)!r}, not the requested {value!r}; request "
+                             f"{key}={card.get(key)!r} or compute statistics with your setting")
+    if dtype is not None and dtype not in _DTYPES:
+        raise StatsError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    out: dict[int, torch.Tensor] = {}
+    try:
+        with safe_open(str(root / STATS_TENSORS), framework="pt") as f:
+            for layer in wanted:
+                out[layer] = f.get_tensor(f"layer.{layer}")
+    except Exception as exc:  # missing, truncated or not safetensors
+        raise StatsError(f"the statistics tensors {str(root / STATS_TENSORS)!r} cannot be read "
+                         f"({type(exc).__name__}: {exc}); export the statistics again") from None
+    for layer, c in out.items():
+        if (card.get("sha256") or {}).get(f"layer.{layer}") != _tensor_sha(c):
+            raise StatsError(f"the tensor of layer {layer} at {where!r} does not match the "
+                             "card's SHA-256 (damaged or altered); export the statistics again")
+    logger.info("statistics of layers %s loaded from %s (%s)", wanted, where,
+                (card.get("text_source") or {}).get("description"))
+    return {layer: c.to(_DTYPES[dtype]) if dtype else c for layer, c in out.items()}

@@ -452,7 +452,7 @@ def test_stats_accepts_every_model_name(monkeypatch):
 
     seen = []
 
-    def fake_load(spec, device="cpu"):
+    def fake_load(spec, device="cpu", **_):
         seen.append(spec)
         raise common.OptionError("stop here")
 

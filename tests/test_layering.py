@@ -27,7 +27,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         "errors", "_version", "requests", "tokens", "hparams", "layouts", "patch", "export",
         "editor", "registry", "protocols", "jsonio", "presets",
     })),
-    ("plumbing and models", frozenset({"nethooks", "replay", "stats", "cache", "models"})),
+    ("plumbing and models", frozenset({"nethooks", "replay", "stats", "cache", "models",
+                                      "distributed"})),
     ("methods", frozenset({"methods"})),
     ("eval, tracing and testbed", frozenset({"eval", "tracing", "testbed"})),
     ("cli", frozenset({"cli", "__main__", ""})),  # "" is the package root, editkit/__init__

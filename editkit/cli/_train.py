@@ -21,6 +21,7 @@ import torch
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     check_device,
     check_model,
     check_number,
@@ -72,6 +73,7 @@ def add_train_parser(subparsers: Any, method: str) -> argparse.ArgumentParser:
                    help="test records to score after training (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(learned_method=method)
     return p
@@ -115,7 +117,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = load_requests(args.data)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.model_dtype)
     train, val, test = split_by_subject(records, fractions, seed=args.seed)
     config = {**config_options, "out_dir": args.out,
               "resume": not args.no_resume, "seed": args.seed, "progress": not args.quiet}

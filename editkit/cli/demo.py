@@ -12,6 +12,7 @@ from typing import Any
 
 from editkit.cli.common import (
     OptionError,
+    add_dtype_option,
     answer,
     build_editor,
     check_method,
@@ -64,6 +65,7 @@ def add_parser(subparsers: Any) -> None:
     demo.add_argument("--method", default=DEFAULT_DEMO_METHOD, help="registered method name")
     demo.add_argument("--record", type=int, default=None,
                       help="which fact-world record to edit (default 0)")
+    add_dtype_option(demo)
     demo.set_defaults(func=run)
 
 
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     record = _check(args)
     print(f"Loading {args.model}...", flush=True)
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=args.model_dtype)
     print(f"  loaded in {time.perf_counter() - t0:.1f}s: {type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     req, unrelated, generation_prompt = _demo_case(args.model, record)

@@ -16,6 +16,7 @@ from typing import Any
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     build_editor,
     check_device,
     check_method,
@@ -54,6 +55,7 @@ def add_parser(subparsers: Any) -> None:
                                      "and a method that edits one at a time, one file per edit")
     edit.add_argument("--out-model", help="also save the edited model to this directory")
     edit.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_option(edit)
     edit.set_defaults(func=run)
 
 
@@ -135,7 +137,7 @@ def _check(args: argparse.Namespace) -> tuple[list[EditRequest], dict[str, Any]]
 def run(args: argparse.Namespace) -> int:
     """Run ``editkit edit``; returns the exit status."""
     requests, overrides = _check(args)
-    model, tok = load_model(args.model, args.device)
+    model, tok = load_model(args.model, args.device, dtype=args.model_dtype)
     editor = build_editor(args.method, model, tok, args.hparams, overrides)
     editor.check_request_lengths(requests)  # before the probes run the model on the prompts
     probes = [(r, p) for r in requests for p in (r.text, *r.paraphrases)]

@@ -12,12 +12,14 @@ CounterFact / zsRE ``.json`` / ``.jsonl`` file, or ``hub:<name>[:<split>]``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     check_device,
     check_method,
     check_model,
@@ -29,6 +31,7 @@ from editkit.cli.common import (
     load_model,
     read_json_option,
 )
+from editkit.distributed import default_group, join_torchrun, leave, rank_and_world
 from editkit.errors import EditkitError
 from editkit.eval.datasets import load_dataset
 from editkit.eval.generation import GenerationConfig
@@ -78,6 +81,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--references", default=None, help="JSON {key: [texts]} for RS")
     p.add_argument("--max-rows", type=int, default=128, help="scoring rows per forward pass")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_option(p)
     p.add_argument("--skip-errors", action="store_true",
                    help="record failed edits in the report instead of stopping")
     p.add_argument("--no-raw", action="store_true",
@@ -117,10 +121,24 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``editkit eval``; returns the exit status (errors are reported by
-    :func:`editkit.cli.run`)."""
+    :func:`editkit.cli.run`). Under ``torchrun`` (``WORLD_SIZE`` > 1) the records (batches,
+    with ``--protocol batch``) are sharded over the processes, and rank 0 gathers the scores
+    in record order and writes the outputs."""
     if (args.idf is None) != (args.references is None):
         raise EditkitError("RS needs both --idf and --references (or neither)")
     _check(args)
+    if args.protocol == "sequential" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise OptionError("--protocol sequential cannot be sharded over processes (every edit "
+                          "builds on all earlier ones); run it without torchrun, or use "
+                          "--protocol independent or batch")
+    created, args.device = join_torchrun(args.device)
+    try:
+        return _run(args)
+    finally:
+        leave(created)
+
+
+def _run(args: argparse.Namespace) -> int:
     hparams = _hparams(args.hparams)
     if hparams is not None:
         check_overrides(args.method, hparams, "--hparams")
@@ -138,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     records = load_dataset(args.data, args.format, args.n, split=args.split, seed=args.seed,
                            zsre_target=args.zsre_target)
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_model(args.model, args.device, dtype=args.model_dtype)
     label = Path(args.data).name if Path(args.data).exists() else args.data
     report = evaluate(
         args.method, model, tokenizer, records, protocol=args.protocol, metrics=metrics,
@@ -149,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
         max_rows=args.max_rows, dataset_name=label,
         model_name="factworld" if is_fact_world(args.model) else None,
         skip_errors=args.skip_errors, progress=not args.no_progress, seed=args.seed,
-        label=args.label, keep_raw=not args.no_raw,
+        label=args.label, keep_raw=not args.no_raw, group=default_group(),
     )
+    if rank_and_world(default_group())[0] != 0:
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / RESULTS_FILE)

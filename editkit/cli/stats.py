@@ -12,12 +12,16 @@ and a warning says how many.
 Under ``torchrun --nproc_per_node k -m editkit.cli stats ...`` (``WORLD_SIZE`` > 1) each process
 joins the process group torchrun describes (gloo on CPU, NCCL on CUDA, one GPU per local rank),
 reads every k-th text, the sums are all-reduced, and rank 0 writes the cache and prints.
+
+``--export DIR`` also writes the matrices for others to reuse (``mom2.safetensors`` + the card
+``editkit_stats.json``: model fingerprint and revision, layers, text source, samples, max
+length, dtype, editkit version); ``second_moment(..., source=DIR)`` or ``mom2_dataset=DIR``
+load them and refuse them for another model or other settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import torch
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     check_device,
     check_model,
     check_number,
@@ -35,8 +40,15 @@ from editkit.cli.common import (
     is_fact_world,
     load_model,
 )
+from editkit.distributed import join_torchrun, leave
 from editkit.registry import TEXT_SOURCES, get_adapter
-from editkit.stats import default_cache_dir, second_moment
+from editkit.stats import (
+    STATS_CARD,
+    STATS_TENSORS,
+    default_cache_dir,
+    export_statistics,
+    second_moment,
+)
 
 FACT_WORLD = "fact_world"
 
@@ -60,28 +72,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass")
     p.add_argument("--cache-dir", default=None, help="default $EDITKIT_CACHE/stats")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    # --dtype is the stored matrices' dtype here (it predates the model option).
+    add_dtype_option(p, "--model-dtype")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also write the matrices as shareable statistics to DIR (safetensors, "
+                        "one tensor per layer, + a JSON card identifying the model and "
+                        "settings), for second_moment(source=DIR) / mom2_dataset=DIR")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
 
-def _join_torchrun(device: str) -> tuple[bool, str]:
-    """Join the process group ``torchrun`` describes in the environment when ``WORLD_SIZE`` > 1.
-
-    Returns whether this call created the group (and must destroy it) and the device this
-    process computes on (``cuda`` becomes ``cuda:<LOCAL_RANK>``).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
-        return False, device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if device == "cuda" else device
-        torch.cuda.set_device(torch.device(device))
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    # torchrun sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE: the default env:// init.
-    torch.distributed.init_process_group(backend)
-    return True, device
+#: Kept importable under its former name; the helper lives in :mod:`editkit.distributed`.
+_join_torchrun = join_torchrun
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _run(args, device)
     finally:
-        if created:
-            torch.distributed.barrier()  # no rank tears the group down while another talks
-            torch.distributed.destroy_process_group()
+        leave(created)
 
 
 def _layers(spec: list[str]) -> list[int] | None:
@@ -129,7 +129,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
         check_number(flag, value)
     if args.cache_dir:
         check_writable("--cache-dir", args.cache_dir, directory=True)
-    model, tokenizer = load_model(args.model, device=device)
+    if args.export:
+        check_writable("--export", args.export, directory=True)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.model_dtype)
     texts = args.texts or (FACT_WORLD if is_fact_world(args.model) else "wikitext")
     adapter = get_adapter(model)
     n_layers = adapter.num_layers(model)
@@ -152,4 +154,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
         print(f"layer {layer}: C {tuple(c.shape)} {c.dtype}, trace {float(c.trace()):.4g}")
     shared = f" over {world} processes" if world > 1 else ""
     print(f"{len(result)} layer(s) in {seconds:.1f}s{shared}; cached under {where}")
+    if args.export:
+        exported = export_statistics(model, result, args.export, tokenizer=tokenizer,
+                                     texts=texts, n_samples=args.n_samples,
+                                     max_length=args.max_length, adapter=adapter)
+        print(f"exported to {exported}/ ({STATS_TENSORS} + {STATS_CARD})")
     return 0

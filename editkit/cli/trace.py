@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
+    add_dtype_option,
     check_device,
     check_model,
     check_number,
@@ -31,6 +32,14 @@ from editkit.cli.common import (
     describe,
     is_fact_world,
     load_model,
+)
+from editkit.distributed import (
+    default_group,
+    gather_in_order,
+    join_torchrun,
+    leave,
+    rank_and_world,
+    shard_indices,
 )
 from editkit.errors import DatasetFormatError
 from editkit.testbed import FactWorld
@@ -53,6 +62,7 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=512,
                    help="rows (restorations × samples) per forward")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -94,7 +104,7 @@ def add_parser(subparsers: Any) -> None:
 # --------------------------------------------------------------------------- helpers
 def load(args: argparse.Namespace):
     """The ``--model`` on ``--device``."""
-    return load_model(args.model, device=args.device)
+    return load_model(args.model, device=args.device, dtype=args.model_dtype)
 
 
 def _read_data(value: str) -> list:
@@ -144,8 +154,18 @@ def _print_trace(results: dict) -> None:
 
 # --------------------------------------------------------------------------- trace
 def run(args: argparse.Namespace) -> int:
-    """Run ``editkit trace``; returns the exit status."""
+    """Run ``editkit trace``; returns the exit status. Under ``torchrun`` (``WORLD_SIZE`` > 1)
+    every process traces every ``world``-th record, and rank 0 gathers them (in record order)
+    and writes the outputs."""
     check_common(args)
+    created, args.device = join_torchrun(args.device)
+    try:
+        return _run(args)
+    finally:
+        leave(created)
+
+
+def _run(args: argparse.Namespace) -> int:
     check_number("--examples", args.examples, minimum=0)
     kinds = _kinds(args)
     if args.prompt or args.subject:
@@ -158,7 +178,10 @@ def run(args: argparse.Namespace) -> int:
     elif not args.data and not is_fact_world(args.model):
         records(args, 100)  # the "pass --data" error, before loading the model
     out = check_writable("--out", args.out, directory=True)
-    out.mkdir(parents=True, exist_ok=True)
+    group = default_group()
+    rank, world = rank_and_world(group)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load(args)
     start = time.perf_counter()
 
@@ -173,17 +196,21 @@ def run(args: argparse.Namespace) -> int:
     tracer = CausalTracer(model, tokenizer, texts=texts, samples=args.samples,
                           noise=args.noise, seed=args.seed, batch_size=args.batch_size,
                           progress=len(prompts) == 1 and not args.no_progress)
-    traces = []
-    for prompt, subject, target in tqdm(prompts, desc="causal trace",
-                                        disable=args.no_progress or len(prompts) == 1):
+    local = {}
+    for i in tqdm(shard_indices(len(prompts), rank, world), desc="causal trace",
+                  disable=args.no_progress or len(prompts) == 1 or rank != 0):
+        prompt, subject, target = prompts[i]
         if args.naive:
             res = trace_naive(model, tokenizer, prompt, subject, target, kinds=kinds,
                               window=args.window, samples=args.samples,
                               noise_std=tracer.noise_std, seed=args.seed)
         else:
             res = tracer.trace(prompt, subject, target, kinds=kinds, window=args.window)
-        traces.append(res)
+        local[i] = res
+    traces = gather_in_order(local, len(prompts), group)
     elapsed = time.perf_counter() - start
+    if rank != 0:
+        return 0
 
     payload = [{k: r.to_dict() for k, r in res.items()} for res in traces]
     if len(traces) == 1:
@@ -217,5 +244,6 @@ def run(args: argparse.Namespace) -> int:
             cells = [f"{aie.mean[i].max():+.3f} @ {int(aie.mean[i].argmax())}"
                      if aie.counts[i] else "-" for i in range(len(aie.groups))]
             print(f"  {kind:18s}" + "".join(f"{c:>17s}" for c in cells))
-    print(f"traced {len(traces)} prompt(s) in {elapsed:.1f}s; wrote {out}/")
+    shared = f" over {world} processes" if world > 1 else ""
+    print(f"traced {len(traces)} prompt(s) in {elapsed:.1f}s{shared}; wrote {out}/")
     return 0

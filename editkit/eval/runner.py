@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from editkit.distributed import gather_in_order, rank_and_world, shard_indices
 from editkit.editor import EditHistory, Editor
 from editkit.errors import EditFailedError, EditkitError, InvalidHyperParamsError
 from editkit.eval.datasets import EvalRecord, parse_records
@@ -160,6 +161,7 @@ def evaluate(
     keep_raw: bool = True,
     progress: bool = True,
     seed: int = 0,
+    group: Any = None,
 ) -> Report:
     """Edit and score ``records`` under ``protocol``; return a :class:`Report`.
 
@@ -185,11 +187,25 @@ def evaluate(
         dataset_name, model_name: labels for the report (default: the dataset kind and the
             base name of ``model.config.name_or_path``).
         label: row label of the method in tables (default: the method name).
+        group: an initialised ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD`` under torchrun) to shard the records over:
+            with the independent protocol each rank edits and scores every ``world``-th
+            record, with the batch protocol every ``world``-th batch; the per-record scores are
+            gathered in record order and every rank returns the same report, equal to the
+            one-process one. The sequential protocol cannot be sharded (each edit builds on
+            all earlier ones). Only rank 0 shows progress.
     """
     if protocol not in PROTOCOLS:
         raise EditkitError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise EditkitError(f"batch_size={batch_size!r} must be a positive integer")
+    rank, world = rank_and_world(group)
+    if world > 1 and protocol == "sequential":
+        raise EditkitError(
+            "protocol='sequential' cannot be sharded over processes: every edit builds on all "
+            "earlier ones; run it in one process (group=None, no torchrun), or use "
+            "protocol='independent' or 'batch'")
+    progress = progress and rank == 0
     start_all = time.perf_counter()
     editor = _make_editor(editor_or_method, model, tokenizer, hparams)
     model, tokenizer = editor.model, editor.tokenizer
@@ -223,10 +239,19 @@ def evaluate(
     editor.prepare()
     timings["prepare_s"] = time.perf_counter() - t
 
+    # The blocks of records edited together (one record each, but for the batch protocol),
+    # and this rank's share of them: every world-th block.
+    blocks = [list(range(s0, min(s0 + k, n))) for s0 in range(0, n, k)]
+    my_blocks = [blocks[b] for b in shard_indices(len(blocks), rank, world)]
+    mine = [i for block in my_blocks for i in block] if protocol != "sequential" else list(range(n))
+
     t = time.perf_counter()
-    pre = score_records(model, tokenizer, recs, groups, generation=gen, max_rows=max_rows,
-                        progress=progress, desc="scoring unedited model")
+    pre_mine = score_records(model, tokenizer, [recs[i] for i in mine], groups, generation=gen,
+                             max_rows=max_rows, progress=progress, desc="scoring unedited model")
     timings["pre_scoring_s"] = time.perf_counter() - t
+    pre: list[RecordScores] = [None] * n  # type: ignore[list-item]
+    for i, s in zip(mine, pre_mine, strict=True):
+        pre[i] = s
 
     guard = _RevertGuard(editor, verify_revert)
     post: list[RecordScores | None] = [None] * n
@@ -256,11 +281,11 @@ def evaluate(
         edit_times.append(time.perf_counter() - t0)
         return True
 
-    bar = tqdm(total=n, desc=f"{editor.name} · {protocol}", unit="record", disable=not progress)
+    bar = tqdm(total=len(mine), desc=f"{editor.name} · {protocol}", unit="record",
+               disable=not progress)
     try:
         if protocol in ("independent", "batch"):
-            for start in range(0, n, k):
-                idx = list(range(start, min(start + k, n)))
+            for idx in my_blocks:
                 with contextlib.ExitStack() as edited:  # the edits last for this block
                     if apply(idx, edited):
                         t0 = time.perf_counter()
@@ -295,6 +320,24 @@ def evaluate(
             guard.revert_added()
     finally:
         bar.close()
+    if world > 1:
+        # Every record's pre/post scores, the failures and the time spent, from every rank.
+        shared = gather_in_order({rank: (
+            {i: pre[i] for i in mine}, {i: post[i] for i in mine}, failures, edit_times,
+            score_time, timings["pre_scoring_s"])}, world, group)
+        pre, post, failures, edit_times = [None] * n, [None] * n, [], []  # type: ignore[list-item]
+        score_time, timings["pre_scoring_s"] = 0.0, 0.0
+        for pre_part, post_part, fail_part, times_part, score_part, pre_time in shared:
+            for i, s in pre_part.items():
+                pre[i] = s
+            for i, s in post_part.items():
+                post[i] = s
+            failures.extend(fail_part)
+            edit_times.extend(times_part)
+            score_time += score_part
+            timings["pre_scoring_s"] += pre_time
+        failures.sort(key=lambda f: f["index"])
+        timings["processes"] = world
     timings["edit_s_total"] = float(sum(edit_times))
     n_edited = n - len(failures)
     timings["edit_s_per_record"] = float(sum(edit_times) / max(n_edited, 1))

@@ -87,6 +87,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from editkit.distributed import gather_in_order, rank_and_world, shard_indices
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError, ReplayMismatchError
 from editkit.models import compat
 from editkit.nethooks import Trace, as_tokens, first_tensor, hidden_of, with_hidden
@@ -773,20 +774,33 @@ def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
                   n: int | None = None, samples: int = DEFAULT_SAMPLES,
                   noise: float = DEFAULT_NOISE, noise_std: float | None = None,
                   texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
-                  adapter=None, progress: bool = True) -> list[dict[str, TraceResult]]:
+                  adapter=None, progress: bool = True,
+                  group: Any = None) -> list[dict[str, TraceResult]]:
     """Trace the rewrite prompt of each record; the answer is its ``target_true``.
 
     σ defaults to :func:`embedding_std` over the records' subjects, as in the paper. Records
     without ``target_true`` are traced on the model's own prediction.
+
+    With an initialised ``torch.distributed`` process ``group`` (e.g.
+    ``torch.distributed.group.WORLD`` under torchrun), every rank traces every
+    ``world``-th record (σ is still estimated from all the records' subjects, so the noise
+    is the same as in one process) and every rank returns the full list in record order,
+    equal to the one-process result; only rank 0 shows progress.
     """
     requests = as_trace_requests(records)[:n] if n is not None else as_trace_requests(records)
     if not requests:
         raise InvalidRequestError("no records to trace; pass at least one record")
     if noise_std is None and texts is None:
         texts = [r.subject for r in requests]
+    rank, world = rank_and_world(group)
     tracer = CausalTracer(model, tokenizer, noise_std=noise_std, texts=texts, samples=samples,
                           noise=noise, seed=seed, batch_size=batch_size, adapter=adapter)
-    return [
-        tracer.trace(r.prompt, r.subject, r.target_true, kinds=kinds, window=window)
-        for r in tqdm(requests, desc="causal trace", disable=not progress)
-    ]
+    # Each trace seeds its own noise (seed=), so a record's result does not depend on which
+    # records were traced before it: sharding changes nothing but who computes it.
+    mine = shard_indices(len(requests), rank, world)
+    local = {
+        i: tracer.trace(requests[i].prompt, requests[i].subject, requests[i].target_true,
+                        kinds=kinds, window=window)
+        for i in tqdm(mine, desc="causal trace", disable=not progress or rank != 0)
+    }
+    return gather_in_order(local, len(requests), group)
