@@ -33,6 +33,7 @@ from editkit.tracing import (
     make_noise,
     mlp_aie,
     plots,
+    scaled_window,
     subject_token_range,
     suggest_layer,
     token_groups,
@@ -178,7 +179,11 @@ def test_windows_follow_the_paper():
     assert list(window_layers(47, 10, 48)) == list(range(42, 48))
     assert list(window_layers(5, 3, 8)) == [4, 5, 6]
     assert list(window_layers(2, 1, 8)) == [2]
-    assert default_window(48) == 10 and default_window(6) == 1 and default_window(200) == 10
+    # the paper's (and the reference code's) 10, clipped to the depth; the depth-scaled
+    # window of earlier editkit versions stays available as scaled_window
+    assert default_window(48) == 10 and default_window(6) == 6 and default_window(200) == 10
+    assert default_window(4) == 4 and default_window(1) == 1
+    assert scaled_window(48) == 10 and scaled_window(6) == 1 and scaled_window(30) == 6
 
 
 def test_subject_token_range(bytelevel_tokenizer, sentencepiece_tokenizer):
@@ -197,7 +202,7 @@ def test_bad_arguments_raise_typed_errors(gpt2_sharp):
     with pytest.raises(InvalidHyperParamsError, match="window"):
         causal_trace(model, tok, PROMPT, SUBJECT, window=0, noise_std=1.0)
     with pytest.raises(InvalidRequestError, match="placeholder|'\\{\\}'"):
-        causal_trace(model, tok, "Paris is in", SUBJECT, noise_std=1.0)
+        causal_trace(model, tok, "Rome is in", SUBJECT, noise_std=1.0)  # no subject, no {}
     with pytest.raises(InvalidHyperParamsError, match="samples"):
         causal_trace(model, tok, PROMPT, SUBJECT, samples=0, noise_std=1.0)
 
@@ -272,12 +277,13 @@ RECORDS = [counterfact("Paris", "The city of {} is in", "Spain", "France", 0),
 
 def test_suggest_layer_is_the_argmax_of_the_mlp_curve(gpt2_sharp):
     model, tok = gpt2_sharp
-    layer, curve = suggest_layer(model, tok, RECORDS, samples=2, window=1, progress=False)
+    # a random model predicts neither fact: trace target_true (the default would skip both)
+    kw = {"samples": 2, "window": 1, "progress": False, "answer": "target_true"}
+    layer, curve = suggest_layer(model, tok, RECORDS, **kw)
     assert curve.shape == (4,) and layer == int(np.argmax(curve))
-    aie = mlp_aie(model, tok, RECORDS, samples=2, window=1, progress=False)
+    aie = mlp_aie(model, tok, RECORDS, **kw)
     assert np.allclose(aie.curve("last subject token"), curve)
-    traces = trace_records(model, tok, RECORDS, kinds="mlp", window=1, samples=2,
-                           progress=False)
+    traces = trace_records(model, tok, RECORDS, kinds="mlp", **kw)
     assert np.allclose(average_indirect_effect([t["mlp"] for t in traces]).curve(), curve)
 
 
@@ -288,7 +294,7 @@ def test_layer_sweep_with_ft(gpt2_sharp):
     before = snapshot(model)
     hp = FTHyperParams(layer=0, lr=0.05, num_steps=4)
     sweep = layer_sweep("ft", model, tok, RECORDS, [0, 2], hparams=hp, samples=2, window=1,
-                        progress=False)
+                        progress=False, answer="target_true")
     assert sweep.layers == [0, 2] and sweep.method == FT.name and sweep.n_records == 2
     for values in (sweep.efficacy, sweep.paraphrase, sweep.specificity, sweep.score):
         assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
@@ -349,16 +355,24 @@ def test_cli_trace_prompt_data_and_suggest_layer(gpt2_sharp, tmp_path, capsys):
     data_file = tmp_path / "cf.json"
     data_file.write_text(json.dumps(RECORDS))
     out = tmp_path / "many"
+    # the random model predicts neither record: by default (the paper's) nothing is traced
     args = parse(["trace", "--model", str(model_dir), "--data", str(data_file), "--aie",
-                  "--sever", "--samples", "2", "--out", str(out), "--no-progress"])
+                  "--samples", "2", "--out", str(out), "--no-progress"])
+    assert tracing_cli.run(args) == 2  # a usage error: nothing the request asked for exists
+    assert "skipped 2 of 2 records" in capsys.readouterr().out
+    args = parse(["trace", "--model", str(model_dir), "--data", str(data_file), "--aie",
+                  "--sever", "--samples", "2", "--out", str(out), "--no-progress",
+                  "--answer", "target_true"])
     assert tracing_cli.run(args) == 0
+    assert "answer: target_true" in capsys.readouterr().out
     aie = json.loads((out / "aie.json").read_text())
     assert set(aie) == set(ALL_KINDS) and aie["hidden"]["n_facts"] == 2
     for stem in ("aie", "aie_heatmap", "aie_severed", "record_0"):
         assert (out / f"{stem}.png").exists() and (out / f"{stem}.svg").exists()
 
     args = parse(["suggest-layer", "--model", str(model_dir), "--data", str(data_file),
-                  "--samples", "2", "--out", str(tmp_path / "s"), "--no-progress"])
+                  "--samples", "2", "--out", str(tmp_path / "s"), "--no-progress",
+                  "--answer", "target_true"])
     assert tracing_cli.run(args) == 0
     got = json.loads((tmp_path / "s" / "suggest_layer.json").read_text())
     assert got["layer"] == int(np.argmax(got["curve"]))
