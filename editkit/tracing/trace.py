@@ -127,7 +127,7 @@ logger = logging.getLogger(__name__)
 #: so that ``from editkit.tracing.trace import TraceResult`` and the like keep working.
 _MOVED = {
     **dict.fromkeys(("embedding_std", "make_noise", "subject_token_range",
-                     "weight_embedding_std"), "corruption"),
+                     "weight_embedding_std", "DEFAULT_NOISE"), "corruption"),
     **dict.fromkeys(("ALL_KINDS", "SEVERED_KINDS", "default_window"), "kinds"),
     **dict.fromkeys(("GROUPS", "AIEResult", "aie_by_kind", "average_indirect_effect",
                      "token_groups"), "results"),
