@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from editkit.cli.common import (
@@ -188,9 +189,9 @@ def _print_trace(results: dict) -> None:
           f"p clean {first.p_clean:.4f}, corrupted {first.p_corrupt:.4f}")
     b, e = first.subject_range
     for kind, res in results.items():
-        ie = res.indirect_effects
-        t, layer = divmod(int(ie.argmax()), ie.shape[1])
-        print(f"  {kind:18s} max IE {ie.max():+.4f} at token {t} {res.tokens[t]!r}"
+        ie = res.indirect_effects  # NaN rows: outside --token-range
+        t, layer = divmod(int(np.nanargmax(ie)), ie.shape[1])
+        print(f"  {kind:18s} max IE {np.nanmax(ie):+.4f} at token {t} {res.tokens[t]!r}"
               f"{' (subject)' if b <= t < e else ''}, layer {layer}")
 
 

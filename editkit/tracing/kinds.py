@@ -52,7 +52,9 @@ def check_kinds(kinds: str | Iterable[str] | None) -> tuple[str, ...]:
 
 def default_window(n_layers: int) -> int:
     """MLP/attention window for a model with ``n_layers`` blocks: the paper's 10 (GPT-2 XL,
-    48 layers; also the reference code's default), clipped to the model's depth.
+    48 layers; also the reference code's default), clipped to the model's depth:
+    ``min(10, L)``. From 10 layers on this is the reference's window; below, the reference's
+    literal 10 would restore every layer in every column of a ≤ 5-layer model.
 
     On a shallow model such a window spans most of the network, so neighbouring columns of an
     MLP/attention trace overlap heavily; :func:`scaled_window` keeps the paper's *fraction* of
