@@ -649,3 +649,22 @@ def test_cli_noise_options(gpt2_sharp, tmp_path, capsys):
     assert tracing_cli.run(parse([*base, "--noise-std", "0.5", "--noise-multiple", "3",
                                   "--out", str(tmp_path / "c")])) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_numpy_noise_is_the_reference_draw(gpt2_sharp):
+    """``noise_rng="numpy"``, seed 1: the reference's RandomState(1) draws, so editkit can be
+    compared with calculate_hidden_flow on identical noise (benchmarks/
+    bench_vs_reference_tracing.py); fast still equals the oracle with it."""
+    rs = np.random.RandomState(1)
+    want = torch.from_numpy(rs.randn(3, 2, 8) * 0.5).float()
+    assert torch.equal(make_noise(3, 2, 8, 0.5, seed=1, rng="numpy"), want)
+    rs = np.random.RandomState(1)
+    want = torch.from_numpy(rs.uniform(-1, 1, (3, 2, 8)) * 0.5).float()
+    assert torch.equal(make_noise(3, 2, 8, 0.5, seed=1, rng="numpy", uniform=True), want)
+    with pytest.raises(InvalidHyperParamsError, match="noise_rng"):
+        make_noise(3, 2, 8, 0.5, seed=1, rng="jax")
+    model, tok = gpt2_sharp
+    kw = dict(KW, seed=1, noise_rng="numpy")
+    fast = causal_trace(model, tok, PROMPT, SUBJECT, **kw)
+    assert max_diff(fast, trace_naive(model, tok, PROMPT, SUBJECT, **kw)) < TOL
+    assert max_diff(fast, causal_trace(model, tok, PROMPT, SUBJECT, **KW)) > 1e-3

@@ -180,16 +180,32 @@ def subject_embeddings(model: nn.Module, tokenizer, subject: str, adapter=None
     return adapter.embed(model, ids)[0].float().cpu()
 
 
+#: Random generators of :func:`make_noise`: torch's (default), or numpy's ``RandomState``,
+#: the reference code's (with ``seed=1`` its draws exactly).
+NOISE_RNGS = ("torch", "numpy")
+
+
 def make_noise(samples: int, n_tokens: int, hidden: int, scale: float, seed: int, *,
-               uniform: bool = False) -> torch.Tensor:
+               uniform: bool = False, rng: str = "torch") -> torch.Tensor:
     """The corruption ε ~ N(0, scale²) (``uniform``: U(−scale, scale), the reference's
     ``uniform_noise``) of shape (samples, subject tokens, hidden), seeded.
 
     Drawn on the CPU with its own ``torch.Generator`` so the same seed gives the same noise on
     every device, for every kind, and for the fast and the straightforward implementation.
+    ``rng="numpy"`` draws as the reference does, ``numpy.random.RandomState(seed)`` in float64
+    (the reference seeds it with 1 for every restoration): the same noise as the reference,
+    for side-by-side comparisons.
     """
-    gen = torch.Generator().manual_seed(int(seed))
     shape = (samples, n_tokens, hidden)
+    if rng not in NOISE_RNGS:
+        raise InvalidHyperParamsError(f"noise_rng={rng!r} must be one of {NOISE_RNGS}")
+    if rng == "numpy":
+        import numpy as np
+
+        rs = np.random.RandomState(int(seed))
+        draw = rs.uniform(-1, 1, shape) if uniform else rs.randn(*shape)
+        return torch.from_numpy(draw * scale).float()
+    gen = torch.Generator().manual_seed(int(seed))
     if uniform:
         return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * scale
     return torch.randn(shape, generator=gen, dtype=torch.float32) * scale
@@ -253,7 +269,8 @@ class TracePrompt:
 def prepare_prompt(tokenizer, prompt: str, subject: str, target: str | None, *,
                    hidden_size: int, samples: int, noise_std: float, seed: int,
                    uniform: bool = False, replace: bool = False,
-                   replacement: torch.Tensor | None = None) -> TracePrompt:
+                   replacement: torch.Tensor | None = None, rng: str = "torch"
+                   ) -> TracePrompt:
     """Tokenize, locate the subject, pick the answer's first token, draw the noise.
 
     ``prompt`` has ``{}`` for the subject or contains it (:func:`normalise_prompt`).
@@ -277,7 +294,8 @@ def prepare_prompt(tokenizer, prompt: str, subject: str, target: str | None, *,
         noise = fit_tokens(replacement, e - b).unsqueeze(0).expand(samples, -1, -1).clone()
         replace = True
     else:
-        noise = make_noise(samples, e - b, hidden_size, noise_std, seed, uniform=uniform)
+        noise = make_noise(samples, e - b, hidden_size, noise_std, seed, uniform=uniform,
+                           rng=rng)
     return TracePrompt(
         prompt=prompt, subject=subject, text=text, input_ids=ids,
         tokens=[tokenizer.decode([i]) for i in ids], subject_range=(b, e),

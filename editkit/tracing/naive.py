@@ -37,7 +37,7 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
                 noise: float | None = None, noise_std: float | None = None,
                 noise_multiple: float | None = None, uniform_noise: bool = False,
                 replace: bool | str = False, token_range=None, texts=None, seed: int = 0,
-                adapter=None) -> dict[str, TraceResult]:
+                noise_rng: str = "torch", adapter=None) -> dict[str, TraceResult]:
     """Same arguments and results as :func:`~editkit.tracing.causal_trace`, one cell at a time."""
     from editkit.registry import get_adapter
 
@@ -59,7 +59,7 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
     tp = corruption.prepare_prompt(tokenizer, prompt, subject, target, hidden_size=hidden,
                                    samples=samples, noise_std=float(noise_std), seed=seed,
                                    uniform=uniform_noise, replace=bool(replace),
-                                   replacement=replacement)
+                                   replacement=replacement, rng=noise_rng)
     T = tp.n_tokens
     tokens = kind_table.resolve_token_range(token_range, T, tp.subject_range)
     ids = torch.tensor([tp.input_ids], device=corruption.model_device(model))

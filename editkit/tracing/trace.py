@@ -271,7 +271,8 @@ class CausalTracer:
     subjects); ``noise`` is the deprecated name of ``noise_multiple``. ``uniform_noise`` draws
     U(−ν, ν) instead of N(0, ν²); ``replace=True`` writes the noise over the subject's
     embeddings instead of adding it, ``replace="another subject"`` writes that subject's
-    embeddings (the reference's options). ``samples`` noise draws per prompt (paper 10);
+    embeddings (the reference's options); ``noise_rng="numpy"`` with ``seed=1`` draws the
+    reference's noise exactly. ``samples`` noise draws per prompt (paper 10);
     ``seed`` seeds the noise of every prompt; ``batch_size`` caps the rows (restorations ×
     samples) of one forward; ``reuse_prefix`` runs a restoration at token t on tokens ≥ t only,
     with the corrupted run's keys/values of the earlier tokens (off: whole prompt);
@@ -296,6 +297,7 @@ class CausalTracer:
     noise_multiple: float | None = None
     uniform_noise: bool = False
     replace: bool | str = False
+    noise_rng: str = "torch"
     _verified: bool = field(default=False, init=False, repr=False)
     _first_block_ok: bool = field(default=True, init=False, repr=False)
     _trim_attn_ok: bool = field(default=True, init=False, repr=False)
@@ -373,7 +375,8 @@ class CausalTracer:
         return prepare_prompt(self.tokenizer, prompt, subject, target, hidden_size=hidden,
                               samples=self.samples, noise_std=noise_std,
                               seed=self.seed, uniform=self.uniform_noise,
-                              replace=bool(self.replace), replacement=self._replacement)
+                              replace=bool(self.replace), replacement=self._replacement,
+                              rng=self.noise_rng)
 
     def trace(self, prompt: str, subject: str, target: str | None = None, *,
               kinds: str | Iterable[str] | None = KINDS, window: int | None = None,
@@ -825,8 +828,9 @@ def causal_trace(model: nn.Module, tokenizer, prompt: str, subject: str,
                  noise: float | None = None, noise_std: float | None = None,
                  noise_multiple: float | None = None, uniform_noise: bool = False,
                  replace: bool | str = False, token_range: str | Iterable[int] | None = None,
-                 texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
-                 adapter=None, progress: bool = False) -> dict[str, TraceResult]:
+                 texts: Sequence[str] | None = None, seed: int = 0, noise_rng: str = "torch",
+                 batch_size: int = 512, adapter=None, progress: bool = False
+                 ) -> dict[str, TraceResult]:
     """Causal trace of one prompt (fast). See :class:`CausalTracer` for the arguments and
     :meth:`CausalTracer.trace` for ``token_range``.
 
@@ -838,7 +842,8 @@ def causal_trace(model: nn.Module, tokenizer, prompt: str, subject: str,
     tracer = CausalTracer(model, tokenizer, noise_std=noise_std, texts=texts, samples=samples,
                           noise=noise, noise_multiple=noise_multiple,
                           uniform_noise=uniform_noise, replace=replace, seed=seed,
-                          batch_size=batch_size, adapter=adapter, progress=progress)
+                          noise_rng=noise_rng, batch_size=batch_size, adapter=adapter,
+                          progress=progress)
     return tracer.trace(prompt, subject, target, kinds=kinds, window=window,
                         token_range=token_range)
 
@@ -885,8 +890,8 @@ def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
                   noise_multiple: float | None = None, uniform_noise: bool = False,
                   replace: bool | str = False, token_range: str | Iterable[int] | None = None,
                   answer: str = "predicted", texts: Sequence[str] | None = None,
-                  seed: int = 0, batch_size: int = 512, adapter=None, progress: bool = True
-                  ) -> TracedRecords:
+                  seed: int = 0, noise_rng: str = "torch", batch_size: int = 512,
+                  adapter=None, progress: bool = True) -> TracedRecords:
     """Trace the rewrite prompt of each record.
 
     ``answer="predicted"`` (default, the reference's ``calculate_hidden_flow(...,
@@ -908,7 +913,7 @@ def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
     tracer = CausalTracer(model, tokenizer, noise_std=noise_std, texts=texts, samples=samples,
                           noise=noise, noise_multiple=noise_multiple,
                           uniform_noise=uniform_noise, replace=replace, seed=seed,
-                          batch_size=batch_size, adapter=adapter)
+                          noise_rng=noise_rng, batch_size=batch_size, adapter=adapter)
     out = TracedRecords()
     for i, r in enumerate(tqdm(requests, desc="causal trace", disable=not progress)):
         skip = answer == "predicted" and r.target_true is not None
