@@ -924,6 +924,10 @@ def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
             out.indices.append(i)
         else:
             out.skipped.append((i, r, tracer.last_prediction))
+    weak = sum(next(iter(t.values())).weak_corruption for t in out)
+    if weak > 1:
+        logger.warning("the corruption barely moved the prediction on %d of %d traced records "
+                       "(see their weak_corruption field)", weak, len(out))
     if out.skipped:
         logger.warning("skipped %d of %d records whose target_true the model does not predict "
                        "(as the reference does; answer='target_true' traces them too)",
