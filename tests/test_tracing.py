@@ -668,3 +668,9 @@ def test_numpy_noise_is_the_reference_draw(gpt2_sharp):
     fast = causal_trace(model, tok, PROMPT, SUBJECT, **kw)
     assert max_diff(fast, trace_naive(model, tok, PROMPT, SUBJECT, **kw)) < TOL
     assert max_diff(fast, causal_trace(model, tok, PROMPT, SUBJECT, **KW)) > 1e-3
+
+
+def test_plots_label_windows_by_their_centre():
+    assert plots._xlabel("mlp", 10) == ("centre of a window of 10 restored layers "
+                                        "(clipped at the ends)")
+    assert plots._xlabel("hidden", 1) == "restored layer"
