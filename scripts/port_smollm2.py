@@ -36,12 +36,15 @@ def facts(args) -> list[dict]:
 
 
 def _trace(args, model, tok) -> None:
-    from editkit.tracing import KINDS, aie_by_kind, plots, trace_records
+    from editkit.tracing import KINDS, aie_by_kind, plots, scaled_window, trace_records
     from editkit.tracing.layers import layer_from_aie
 
     records = facts(args)
     t0 = time.perf_counter()
-    traces = trace_records(model, tok, records, kinds=KINDS)
+    # the settings of the committed docs/smollm2/trace (before the tracer's defaults became
+    # the paper's): window 6 = 10 scaled to 30 layers, every record traced on target_true
+    traces = trace_records(model, tok, records, kinds=KINDS, answer="target_true",
+                           window=scaled_window(model.config.num_hidden_layers))
     elapsed = time.perf_counter() - t0
     out = OUT / "trace"
     out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from editkit.tracing import (
     make_noise,
     mlp_aie,
     plots,
+    scaled_window,
     subject_token_range,
     suggest_layer,
     token_groups,
@@ -178,7 +179,11 @@ def test_windows_follow_the_paper():
     assert list(window_layers(47, 10, 48)) == list(range(42, 48))
     assert list(window_layers(5, 3, 8)) == [4, 5, 6]
     assert list(window_layers(2, 1, 8)) == [2]
-    assert default_window(48) == 10 and default_window(6) == 1 and default_window(200) == 10
+    # the paper's (and the reference code's) 10, clipped to the depth; the depth-scaled
+    # window of earlier editkit versions stays available as scaled_window
+    assert default_window(48) == 10 and default_window(6) == 6 and default_window(200) == 10
+    assert default_window(4) == 4 and default_window(1) == 1
+    assert scaled_window(48) == 10 and scaled_window(6) == 1 and scaled_window(30) == 6
 
 
 def test_subject_token_range(bytelevel_tokenizer, sentencepiece_tokenizer):
@@ -197,7 +202,7 @@ def test_bad_arguments_raise_typed_errors(gpt2_sharp):
     with pytest.raises(InvalidHyperParamsError, match="window"):
         causal_trace(model, tok, PROMPT, SUBJECT, window=0, noise_std=1.0)
     with pytest.raises(InvalidRequestError, match="placeholder|'\\{\\}'"):
-        causal_trace(model, tok, "Paris is in", SUBJECT, noise_std=1.0)
+        causal_trace(model, tok, "Rome is in", SUBJECT, noise_std=1.0)  # no subject, no {}
     with pytest.raises(InvalidHyperParamsError, match="samples"):
         causal_trace(model, tok, PROMPT, SUBJECT, samples=0, noise_std=1.0)
 
@@ -272,12 +277,13 @@ RECORDS = [counterfact("Paris", "The city of {} is in", "Spain", "France", 0),
 
 def test_suggest_layer_is_the_argmax_of_the_mlp_curve(gpt2_sharp):
     model, tok = gpt2_sharp
-    layer, curve = suggest_layer(model, tok, RECORDS, samples=2, window=1, progress=False)
+    # a random model predicts neither fact: trace target_true (the default would skip both)
+    kw = {"samples": 2, "window": 1, "progress": False, "answer": "target_true"}
+    layer, curve = suggest_layer(model, tok, RECORDS, **kw)
     assert curve.shape == (4,) and layer == int(np.argmax(curve))
-    aie = mlp_aie(model, tok, RECORDS, samples=2, window=1, progress=False)
+    aie = mlp_aie(model, tok, RECORDS, **kw)
     assert np.allclose(aie.curve("last subject token"), curve)
-    traces = trace_records(model, tok, RECORDS, kinds="mlp", window=1, samples=2,
-                           progress=False)
+    traces = trace_records(model, tok, RECORDS, kinds="mlp", **kw)
     assert np.allclose(average_indirect_effect([t["mlp"] for t in traces]).curve(), curve)
 
 
@@ -288,7 +294,7 @@ def test_layer_sweep_with_ft(gpt2_sharp):
     before = snapshot(model)
     hp = FTHyperParams(layer=0, lr=0.05, num_steps=4)
     sweep = layer_sweep("ft", model, tok, RECORDS, [0, 2], hparams=hp, samples=2, window=1,
-                        progress=False)
+                        progress=False, answer="target_true")
     assert sweep.layers == [0, 2] and sweep.method == FT.name and sweep.n_records == 2
     for values in (sweep.efficacy, sweep.paraphrase, sweep.specificity, sweep.score):
         assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
@@ -349,16 +355,24 @@ def test_cli_trace_prompt_data_and_suggest_layer(gpt2_sharp, tmp_path, capsys):
     data_file = tmp_path / "cf.json"
     data_file.write_text(json.dumps(RECORDS))
     out = tmp_path / "many"
+    # the random model predicts neither record: by default (the paper's) nothing is traced
     args = parse(["trace", "--model", str(model_dir), "--data", str(data_file), "--aie",
-                  "--sever", "--samples", "2", "--out", str(out), "--no-progress"])
+                  "--samples", "2", "--out", str(out), "--no-progress"])
+    assert tracing_cli.run(args) == 2  # a usage error: nothing the request asked for exists
+    assert "skipped 2 of 2 records" in capsys.readouterr().out
+    args = parse(["trace", "--model", str(model_dir), "--data", str(data_file), "--aie",
+                  "--sever", "--samples", "2", "--out", str(out), "--no-progress",
+                  "--answer", "target_true"])
     assert tracing_cli.run(args) == 0
+    assert "answer: target_true" in capsys.readouterr().out
     aie = json.loads((out / "aie.json").read_text())
     assert set(aie) == set(ALL_KINDS) and aie["hidden"]["n_facts"] == 2
     for stem in ("aie", "aie_heatmap", "aie_severed", "record_0"):
         assert (out / f"{stem}.png").exists() and (out / f"{stem}.svg").exists()
 
     args = parse(["suggest-layer", "--model", str(model_dir), "--data", str(data_file),
-                  "--samples", "2", "--out", str(tmp_path / "s"), "--no-progress"])
+                  "--samples", "2", "--out", str(tmp_path / "s"), "--no-progress",
+                  "--answer", "target_true"])
     assert tracing_cli.run(args) == 0
     got = json.loads((tmp_path / "s" / "suggest_layer.json").read_text())
     assert got["layer"] == int(np.argmax(got["curve"]))
@@ -409,3 +423,254 @@ def test_split_modules_keep_the_old_import_paths():
         assert getattr(trace, name) is not None
     with pytest.raises(AttributeError):
         trace.no_such_name  # noqa: B018
+
+
+# --------------------------------------------------------------------------- from the reference
+# What users of the reference's calculate_hidden_flow trip over (issue 16): the meaning of the
+# noise level, defaults, its other corruptions and token ranges, filled prompts.
+def test_noise_multiple_noise_std_and_the_deprecated_noise(gpt2_sharp):
+    model, tok = gpt2_sharp
+    kw = dict(kinds="hidden", samples=3, seed=2)
+    sigma = embedding_std(model, tok, [SUBJECT])
+    default = causal_trace(model, tok, PROMPT, SUBJECT, **kw)["hidden"]
+    # the default is the paper's ν = 3σ, σ over the traced subject's token embeddings
+    assert default.noise_std == pytest.approx(3 * sigma, rel=1e-9)
+    assert default.noise_multiple == 3.0 and "subject" in default.sigma_source
+    # an absolute noise_std of the same value gives the same trace; it records no multiple
+    absolute = causal_trace(model, tok, PROMPT, SUBJECT, noise_std=3 * sigma, **kw)["hidden"]
+    assert np.allclose(absolute.scores, default.scores, atol=1e-6)
+    assert absolute.noise_multiple is None and "absolute" in absolute.sigma_source
+    # noise_multiple scales σ
+    half = causal_trace(model, tok, PROMPT, SUBJECT, noise_multiple=1.5, **kw)["hidden"]
+    assert half.noise_std == pytest.approx(1.5 * sigma, rel=1e-9)
+    # the old noise= still means the multiple, with a warning that says so
+    with pytest.warns(DeprecationWarning, match="multiple of σ.*noise_std="):
+        old = causal_trace(model, tok, PROMPT, SUBJECT, noise=1.5, **kw)["hidden"]
+    assert np.array_equal(old.scores, half.scores)
+    with pytest.raises(InvalidHyperParamsError, match="noise_multiple"):
+        causal_trace(model, tok, PROMPT, SUBJECT, noise_multiple=-1.0, **kw)
+    with pytest.raises(InvalidHyperParamsError, match="disagree"), \
+            pytest.warns(DeprecationWarning):
+        causal_trace(model, tok, PROMPT, SUBJECT, noise=2.0, noise_multiple=3.0, **kw)
+
+
+def test_sigma_comes_from_the_given_texts_else_the_subject(gpt2_sharp):
+    model, tok = gpt2_sharp
+    texts = ["Paris", "LeBron James"]
+    tracer = CausalTracer(model, tok, texts=texts, samples=2)
+    res = tracer.trace(PROMPT, SUBJECT, kinds="hidden")["hidden"]
+    assert res.noise_std == pytest.approx(3 * embedding_std(model, tok, texts), rel=1e-9)
+    assert res.sigma_source == "token embeddings of 2 given text(s)"
+    # without texts: σ of each traced prompt's own subject, not of the embedding matrix
+    tracer = CausalTracer(model, tok, samples=2)
+    a = tracer.trace(PROMPT, SUBJECT, kinds="hidden")["hidden"]
+    b = tracer.trace("{} plays the sport of", "LeBron James", kinds="hidden")["hidden"]
+    assert a.noise_std == pytest.approx(3 * embedding_std(model, tok, [SUBJECT]), rel=1e-9)
+    assert b.noise_std == pytest.approx(3 * embedding_std(model, tok, ["LeBron James"]),
+                                        rel=1e-9)
+    # the straightforward oracle makes the same choice
+    naive = trace_naive(model, tok, PROMPT, SUBJECT, kinds="hidden", samples=2)["hidden"]
+    assert naive.noise_std == pytest.approx(a.noise_std) and max_diff(
+        {"h": naive}, {"h": a}) < TOL
+
+
+def test_a_corruption_that_barely_moves_the_prediction_is_flagged(caplog):
+    model, tok = fact_world_or_skip()
+    from editkit.testbed import FactWorld
+
+    rec = FactWorld().records(1)[0]["requested_rewrite"]
+    args = (model, tok, rec["prompt"], rec["subject"], rec["target_true"]["str"])
+    with caplog.at_level("WARNING", logger="editkit.tracing.trace"):
+        # the reference's absolute noise=0.1 misread as a multiple of σ: no effect
+        weak = causal_trace(*args, kinds="hidden", noise_multiple=0.01, samples=3)["hidden"]
+    assert weak.weak_corruption and abs(weak.p_clean - weak.p_corrupt) < 0.1 * weak.p_clean
+    assert "barely moves" in caplog.text and "noise_std=" in caplog.text
+    strong = causal_trace(*args, kinds="hidden", samples=3)["hidden"]
+    assert not strong.weak_corruption and strong.p_clean - strong.p_corrupt > 0.1 * strong.p_clean
+    assert TraceResult.from_dict(weak.to_dict()).weak_corruption
+
+
+def test_kinds_none_is_the_default_kinds(gpt2_sharp):
+    model, tok = gpt2_sharp
+    res = causal_trace(model, tok, PROMPT, SUBJECT, kinds=None, samples=2, noise_std=1.0)
+    assert tuple(res) == KINDS
+    with pytest.raises(InvalidHyperParamsError, match="kind"):
+        causal_trace(model, tok, PROMPT, SUBJECT, kinds=3, samples=2, noise_std=1.0)
+
+
+def test_default_window_is_the_papers_clipped_and_labelled_by_its_centre(gpt2_sharp):
+    model, tok = gpt2_sharp
+    res = causal_trace(model, tok, PROMPT, SUBJECT, kinds="mlp", samples=2, noise_std=1.0)
+    mlp = res["mlp"]
+    assert mlp.window == 4 == default_window(4) and mlp.window_label == "centre"
+    assert mlp.restored_layers(0) == [0, 1] and mlp.restored_layers(3) == [1, 2, 3]
+    explicit = causal_trace(model, tok, PROMPT, SUBJECT, kinds="mlp", samples=2,
+                            noise_std=1.0, window=4)
+    assert np.array_equal(explicit["mlp"].scores, mlp.scores)
+    # the reference's literal window=10 on a 4-layer model restores every layer in every
+    # column (why the default is clipped to the depth): all columns equal
+    literal = causal_trace(model, tok, PROMPT, SUBJECT, kinds="mlp", samples=2,
+                           noise_std=1.0, window=10)["mlp"].scores
+    assert np.allclose(literal, literal[:, :1]) and not np.allclose(mlp.scores,
+                                                                    mlp.scores[:, :1])
+
+
+@pytest.mark.parametrize("option", [
+    {"uniform_noise": True},
+    {"replace": True},
+    {"replace": "LeBron James"},
+    {"token_range": "subject_last"},
+    {"token_range": [0, -1]},
+    {"uniform_noise": True, "replace": True, "token_range": "subject"},
+])
+def test_reference_options_fast_equals_naive(gpt2_sharp, option):
+    model, tok = gpt2_sharp
+    kw = dict(kinds=ALL_KINDS, window=3, samples=3, seed=1, noise_std=1.0, **option)
+    fast = causal_trace(model, tok, PROMPT, SUBJECT, **kw)
+    naive = trace_naive(model, tok, PROMPT, SUBJECT, **kw)
+    for k in ALL_KINDS:
+        assert np.array_equal(np.isnan(fast[k].scores), np.isnan(naive[k].scores))
+        assert np.nanmax(np.abs(fast[k].scores - naive[k].scores)) < TOL
+        assert fast[k].p_corrupt == pytest.approx(naive[k].p_corrupt, abs=TOL)
+    # the option changed the corruption or the rows traced (the test is not vacuous)
+    plain = causal_trace(model, tok, PROMPT, SUBJECT, **KW)
+    assert fast["hidden"].p_corrupt != pytest.approx(plain["hidden"].p_corrupt, abs=1e-6) \
+        or np.isnan(fast["hidden"].scores).any()
+
+
+def test_uniform_and_replace_corruptions_are_what_they_say():
+    u = make_noise(20, 3, 16, 0.5, seed=0, uniform=True)
+    assert float(u.abs().max()) <= 0.5 and float(u.abs().max()) > 0.45
+    assert float(u.mean()) == pytest.approx(0.0, abs=0.05)
+    from editkit.tracing.corruption import corrupt, fit_tokens
+
+    h, noise = torch.ones(2, 5, 4), torch.full((2, 2, 4), 7.0)
+    added, replaced = corrupt(h, noise, (1, 3)), corrupt(h, noise, (1, 3), replace=True)
+    assert torch.equal(added[:, 1:3], torch.full((2, 2, 4), 8.0))
+    assert torch.equal(replaced[:, 1:3], noise) and torch.equal(replaced[:, 3:], h[:, 3:])
+    other = torch.arange(8.0).view(2, 4)
+    assert torch.equal(fit_tokens(other, 1), other[:1])
+    assert torch.equal(fit_tokens(other, 3), torch.cat([other, other[1:]]))
+
+
+def test_replace_with_another_subject_writes_its_embeddings(gpt2_sharp):
+    """``replace=" Rome"`` on "Paris": p_corrupt is the model run on the prompt's embeddings
+    with Rome's token embeddings (fitted to Paris's token count) written at the subject."""
+    model, tok = gpt2_sharp
+    from editkit.tokens import encode
+
+    res = causal_trace(model, tok, PROMPT, SUBJECT, "France", kinds="hidden", samples=2,
+                       replace=" Rome")["hidden"]
+    b, e = res.subject_range
+    ids = torch.tensor([encode(tok, PROMPT.format(SUBJECT))])
+    answer = res.answer_id
+    with torch.no_grad():
+        emb = model.transformer.wte(ids).clone()
+        rome = model.transformer.wte(torch.tensor(encode(tok, " Rome")))
+        emb[0, b:e] = rome[: e - b]
+        want = torch.softmax(model(inputs_embeds=emb).logits[0, -1], -1)[answer]
+    assert res.p_corrupt == pytest.approx(float(want), abs=1e-5)
+    assert res.p_corrupt != pytest.approx(res.p_clean, abs=1e-4)
+    assert res.corruption == "replace with ' Rome'" and res.noise_multiple is None
+
+
+def test_token_range_traces_only_those_rows_and_the_aie_uses_them():
+    from editkit.tracing import resolve_token_range
+
+    assert resolve_token_range("subject_last", 8, (2, 5)) == {4}
+    assert resolve_token_range("subject", 8, (2, 5)) == {2, 3, 4}
+    assert resolve_token_range("last", 8, (2, 5)) == {7}
+    assert resolve_token_range([1, -1], 8, (2, 5)) == {1, 7}
+    assert resolve_token_range(None, 8, (2, 5)) is None
+    for bad in ("subject_first", [9], []):
+        with pytest.raises(InvalidHyperParamsError, match="token_range"):
+            resolve_token_range(bad, 8, (2, 5))
+    scores = np.full((6, 3), np.nan)
+    scores[3] = [0.2, 0.5, 0.3]
+    r = TraceResult(kind="mlp", scores=scores, p_clean=0.9, p_corrupt=0.1,
+                    tokens=list("abcdef"), subject_range=(1, 4), window=1, token_range=[3])
+    aie = average_indirect_effect([r])
+    assert aie.counts == [0, 0, 1, 0, 0, 0]
+    assert np.allclose(aie.curve("last subject token"), [0.1, 0.4, 0.2])
+
+
+def test_a_filled_prompt_with_its_subject_is_the_template(gpt2_sharp):
+    model, tok = gpt2_sharp
+    kw = dict(kinds="hidden", samples=2, noise_std=1.0)
+    filled = causal_trace(model, tok, "The city of Paris is in", "Paris", **kw)["hidden"]
+    template = causal_trace(model, tok, PROMPT, SUBJECT, **kw)["hidden"]
+    assert np.array_equal(filled.scores, template.scores)
+    assert filled.prompt == PROMPT and filled.subject_range == template.subject_range
+    naive = trace_naive(model, tok, "The city of Paris is in", "Paris", **kw)["hidden"]
+    assert max_diff({"h": naive}, {"h": filled}) < TOL
+
+
+def test_trace_records_skips_facts_the_model_gets_wrong_as_the_reference():
+    model, tok = fact_world_or_skip()
+    from editkit.testbed import FactWorld
+
+    recs = FactWorld().records(3)
+    wrong = json.loads(json.dumps(recs[1]))
+    wrong["requested_rewrite"]["target_true"]["str"] = \
+        recs[0]["requested_rewrite"]["target_true"]["str"]
+    if wrong["requested_rewrite"]["target_true"] == recs[1]["requested_rewrite"]["target_true"]:
+        pytest.skip("records share their answer")
+    records = [recs[0], wrong, recs[2]]
+    kw = dict(kinds="hidden", samples=2, progress=False)
+    traced = trace_records(model, tok, records, **kw)
+    assert traced.indices == [0, 2] and [i for i, *_ in traced.skipped] == [1]
+    # what is traced is the model's own prediction, which is target_true's first token
+    assert all(t["hidden"].correct_prediction for t in traced)
+    everything = trace_records(model, tok, records, answer="target_true", **kw)
+    assert len(everything) == 3 and not everything[1]["hidden"].correct_prediction
+    assert np.array_equal(everything[0]["hidden"].scores, traced[0]["hidden"].scores)
+    with pytest.raises(InvalidHyperParamsError, match="answer"):
+        trace_records(model, tok, records, answer="top1", **kw)
+
+
+def test_cli_noise_options(gpt2_sharp, tmp_path, capsys):
+    model, tok = gpt2_sharp
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    base = ["trace", "--model", str(model_dir), "--prompt", "The city of Paris is in",
+            "--subject", SUBJECT, "--samples", "2", "--no-progress", "--kinds", "hidden"]
+    assert tracing_cli.run(parse([*base, "--noise", "2", "--out", str(tmp_path / "a")])) == 0
+    out = capsys.readouterr()
+    assert "--noise is deprecated" in out.err and "ν = 2σ" in out.out
+    assert "window 4 of 4 layers, labelled by its centre" in out.out
+    assert tracing_cli.run(parse([*base, "--noise-std", "0.5", "--uniform-noise",
+                                  "--token-range", "subject_last",
+                                  "--out", str(tmp_path / "b")])) == 0
+    data = json.loads((tmp_path / "b" / "trace.json").read_text())["hidden"]
+    assert data["noise_std"] == 0.5 and data["corruption"] == "uniform"
+    assert data["token_range"] == [data["subject_range"][1] - 1]
+    capsys.readouterr()
+    assert tracing_cli.run(parse([*base, "--noise-std", "0.5", "--noise-multiple", "3",
+                                  "--out", str(tmp_path / "c")])) == 2
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_numpy_noise_is_the_reference_draw(gpt2_sharp):
+    """``noise_rng="numpy"``, seed 1: the reference's RandomState(1) draws, so editkit can be
+    compared with calculate_hidden_flow on identical noise (benchmarks/
+    bench_vs_reference_tracing.py); fast still equals the oracle with it."""
+    rs = np.random.RandomState(1)
+    want = torch.from_numpy(rs.randn(3, 2, 8) * 0.5).float()
+    assert torch.equal(make_noise(3, 2, 8, 0.5, seed=1, rng="numpy"), want)
+    rs = np.random.RandomState(1)
+    want = torch.from_numpy(rs.uniform(-1, 1, (3, 2, 8)) * 0.5).float()
+    assert torch.equal(make_noise(3, 2, 8, 0.5, seed=1, rng="numpy", uniform=True), want)
+    with pytest.raises(InvalidHyperParamsError, match="noise_rng"):
+        make_noise(3, 2, 8, 0.5, seed=1, rng="jax")
+    model, tok = gpt2_sharp
+    kw = dict(KW, seed=1, noise_rng="numpy")
+    fast = causal_trace(model, tok, PROMPT, SUBJECT, **kw)
+    assert max_diff(fast, trace_naive(model, tok, PROMPT, SUBJECT, **kw)) < TOL
+    assert max_diff(fast, causal_trace(model, tok, PROMPT, SUBJECT, **KW)) > 1e-3
+
+
+def test_plots_label_windows_by_their_centre():
+    assert plots._xlabel("mlp", 10) == ("centre of a window of 10 restored layers "
+                                        "(clipped at the ends)")
+    assert plots._xlabel("hidden", 1) == "restored layer"

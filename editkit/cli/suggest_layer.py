@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable("--out", args.out, directory=True)
     model, tokenizer = load(args)
     aie = mlp_aie(model, tokenizer, facts, window=args.window, samples=args.samples,
-                  noise=args.noise, seed=args.seed, batch_size=args.batch_size,
+                  noise_multiple=args.noise_multiple, noise_std=args.noise_std,
+                  seed=args.seed, batch_size=args.batch_size, answer=args.answer,
                   progress=not args.no_progress)
     layer, curve = layer_from_aie(aie)
     print(f"suggested layer: {layer}  (MLP AIE at the last subject token over "

@@ -6,7 +6,11 @@
 
 ``--model`` is a directory written by ``save_pretrained`` (model and tokenizer) or
 ``factworld`` (the offline fact world, whose own records are the default ``--data``).
-``--data`` is a JSON list of CounterFact records (the answer traced is ``target_true``).
+``--data`` is a JSON list of CounterFact records. By default, as the paper and the reference
+code, each record is traced on the model's prediction and records whose ``target_true`` the
+model does not predict are skipped (``--answer target_true`` traces them all). Defaults follow
+the paper: ν = 3σ (σ over the subjects' token embeddings), 10 Gaussian samples, window 10
+clipped to the depth; ``--noise-std`` is an absolute ν (the reference code's ``noise``).
 Outputs: JSON of the raw numbers, token × layer heatmaps (PNG + SVG) and, with ``--aie``,
 the average indirect effect by token group with 95 % bands.
 """
@@ -15,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from editkit.cli.common import (
@@ -41,10 +47,10 @@ from editkit.distributed import (
     rank_and_world,
     shard_indices,
 )
-from editkit.errors import DatasetFormatError
+from editkit.errors import DatasetFormatError, InvalidRequestError
 from editkit.testbed import FactWorld
 from editkit.tracing import SEVERED_KINDS, CausalTracer, aie_by_kind, plots, trace_naive
-from editkit.tracing.kinds import check_kinds
+from editkit.tracing.kinds import check_kinds, default_window
 from editkit.tracing.trace import as_trace_requests
 
 
@@ -55,9 +61,17 @@ def common_options(p: argparse.ArgumentParser) -> None:
                                   "its own records)")
     p.add_argument("--n", type=int, default=None, help="trace the first N records")
     p.add_argument("--window", type=int, default=None,
-                   help="MLP/attention window (default: 10 scaled to depth, 10 at 48 layers)")
+                   help="MLP/attention window, labelled by its centre (default: the paper's "
+                        "10, clipped to the depth)")
     p.add_argument("--samples", type=int, default=10, help="noise samples (paper: 10)")
-    p.add_argument("--noise", type=float, default=3.0, help="noise = NOISE × σ (paper: 3)")
+    p.add_argument("--noise-multiple", type=float, default=None,
+                   help="ν = NOISE_MULTIPLE × σ, σ over the subjects (default 3, the paper's)")
+    p.add_argument("--noise-std", type=float, default=None,
+                   help="absolute ν instead (the reference code's noise=, e.g. 0.1)")
+    p.add_argument("--noise", type=float, default=None, help=argparse.SUPPRESS)  # deprecated
+    p.add_argument("--answer", choices=("predicted", "target_true"), default="predicted",
+                   help="with records: trace the model's prediction and skip the records "
+                        "it gets wrong (default, the paper's), or trace every target_true")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     p.add_argument("--batch-size", type=int, default=512,
                    help="rows (restorations × samples) per forward")
@@ -73,7 +87,19 @@ def check_common(args: argparse.Namespace) -> None:
     for flag, value in (("--n", args.n), ("--window", args.window),
                         ("--samples", args.samples), ("--batch-size", args.batch_size)):
         check_number(flag, value)
-    check_number("--noise", args.noise, minimum=0)
+    if args.noise is not None:
+        if args.noise_multiple is not None:
+            raise OptionError("--noise is the old name of --noise-multiple; give only one")
+        print("warning: --noise is deprecated: it is --noise-multiple (ν = NOISE × σ); for "
+              "the reference code's absolute noise use --noise-std", file=sys.stderr)
+        args.noise_multiple = args.noise
+    if args.noise_multiple is not None and args.noise_std is not None:
+        raise OptionError("--noise-multiple and --noise-std exclude each other: ν is either a "
+                          "multiple of σ or an absolute standard deviation")
+    for flag, value in (("--noise-multiple", args.noise_multiple),
+                        ("--noise-std", args.noise_std)):
+        if value is not None:
+            check_number(flag, value, minimum=0)
     if args.data is not None:
         _read_data(args.data)
 
@@ -91,6 +117,13 @@ def add_parser(subparsers: Any) -> None:
                    help="with --data: average indirect effect over the records")
     t.add_argument("--kinds", default="hidden,mlp,attn",
                    help="comma list of hidden, mlp, attn (default all three)")
+    t.add_argument("--uniform-noise", action="store_true",
+                   help="U(-ν, ν) noise instead of Gaussian (the reference's uniform_noise)")
+    t.add_argument("--replace-with", metavar="SUBJECT", default=None,
+                   help="corrupt by writing SUBJECT's embeddings over the subject's")
+    t.add_argument("--token-range", choices=("subject_last", "subject", "last"), default=None,
+                   help="restore only these tokens (default all; the reference's "
+                        "subject_last)")
     t.add_argument("--sever", action="store_true",
                    help="also trace hidden states with MLP / attention above frozen")
     t.add_argument("--examples", type=int, default=3,
@@ -140,15 +173,35 @@ def _kinds(args: argparse.Namespace) -> tuple[str, ...]:
     return kinds + SEVERED_KINDS if args.sever else kinds
 
 
+def tracer_options(args: argparse.Namespace) -> dict:
+    """The corruption options of :class:`~editkit.tracing.CausalTracer` from ``args``."""
+    return {"noise_multiple": args.noise_multiple, "noise_std": args.noise_std,
+            "uniform_noise": args.uniform_noise,
+            "replace": args.replace_with if args.replace_with else False}
+
+
+def print_settings(tracer: CausalTracer, window: int | None, n_layers: int,
+                   answer: str | None) -> None:
+    """The settings a trace used, defaults included (they reproduce the paper)."""
+    w = window if window is not None else default_window(n_layers)
+    nu = "per subject" if tracer.noise_std is None else f"{tracer.noise_std:.4g}"
+    level = (f"ν = {tracer.noise_multiple:g}σ ({nu})" if tracer.noise_multiple is not None
+             else f"ν = {nu} (absolute)")
+    print(f"settings: {tracer.corruption} corruption, {level}, σ from "
+          f"{tracer.sigma_source}; {tracer.samples} samples, seed {tracer.seed}; "
+          f"MLP/attention window {w} of {n_layers} layers, labelled by its centre"
+          + (f"; answer: {answer}" if answer else ""))
+
+
 def _print_trace(results: dict) -> None:
     first = next(iter(results.values()))
     print(f"{first.prompt.replace('{}', first.subject)!r} → {first.answer!r}: "
           f"p clean {first.p_clean:.4f}, corrupted {first.p_corrupt:.4f}")
     b, e = first.subject_range
     for kind, res in results.items():
-        ie = res.indirect_effects
-        t, layer = divmod(int(ie.argmax()), ie.shape[1])
-        print(f"  {kind:18s} max IE {ie.max():+.4f} at token {t} {res.tokens[t]!r}"
+        ie = res.indirect_effects  # NaN rows: outside --token-range
+        t, layer = divmod(int(np.nanargmax(ie)), ie.shape[1])
+        print(f"  {kind:18s} max IE {np.nanmax(ie):+.4f} at token {t} {res.tokens[t]!r}"
               f"{' (subject)' if b <= t < e else ''}, layer {layer}")
 
 
@@ -193,24 +246,45 @@ def _run(args: argparse.Namespace) -> int:
         texts = [r.subject for r in requests]
         prompts = [(r.prompt, r.subject, r.target_true) for r in requests]
 
+    opts = tracer_options(args)
     tracer = CausalTracer(model, tokenizer, texts=texts, samples=args.samples,
-                          noise=args.noise, seed=args.seed, batch_size=args.batch_size,
-                          progress=len(prompts) == 1 and not args.no_progress)
+                          seed=args.seed, batch_size=args.batch_size,
+                          progress=len(prompts) == 1 and not args.no_progress, **opts)
+    single = bool(args.prompt)
+    answer = None if single else args.answer
+    if rank == 0:
+        print_settings(tracer, args.window, tracer.n_layers, answer)
     local = {}
     for i in tqdm(shard_indices(len(prompts), rank, world), desc="causal trace",
                   disable=args.no_progress or len(prompts) == 1 or rank != 0):
         prompt, subject, target = prompts[i]
+        skip = answer == "predicted" and target is not None
         if args.naive:
             res = trace_naive(model, tokenizer, prompt, subject, target, kinds=kinds,
                               window=args.window, samples=args.samples,
-                              noise_std=tracer.noise_std, seed=args.seed)
+                              noise_std=tracer.noise_std, seed=args.seed,
+                              uniform_noise=args.uniform_noise, replace=opts["replace"],
+                              noise_multiple=tracer.noise_multiple,
+                              token_range=args.token_range)
+            if skip and not next(iter(res.values())).correct_prediction:
+                res = {}
         else:
-            res = tracer.trace(prompt, subject, target, kinds=kinds, window=args.window)
+            res = tracer.trace(prompt, subject, target, kinds=kinds, window=args.window,
+                               token_range=args.token_range, skip_wrong=skip)
         local[i] = res
-    traces = gather_in_order(local, len(prompts), group)
+    gathered = gather_in_order(local, len(prompts), group)
     elapsed = time.perf_counter() - start
     if rank != 0:
         return 0
+    traces = [res for res in gathered if res]
+    skipped = [prompts[i][1] for i, res in enumerate(gathered) if not res]
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(prompts)} records whose target_true the model "
+              "does not predict (--answer target_true traces them too)")
+    if not traces:
+        raise InvalidRequestError("the model predicts none of the records' target_true, so "
+                                  "nothing was traced; pass --answer target_true to trace them "
+                                  "anyway")
 
     payload = [{k: r.to_dict() for k, r in res.items()} for res in traces]
     if len(traces) == 1:

@@ -18,7 +18,15 @@ Modules: ``kinds`` (what is restored, windows), ``corruption`` (noise, prompt pr
 """
 
 from editkit.tracing.corruption import embedding_std, make_noise, subject_token_range
-from editkit.tracing.kinds import ALL_KINDS, KINDS, SEVERED_KINDS, default_window, window_layers
+from editkit.tracing.kinds import (
+    ALL_KINDS,
+    KINDS,
+    SEVERED_KINDS,
+    default_window,
+    resolve_token_range,
+    scaled_window,
+    window_layers,
+)
 from editkit.tracing.layers import (
     LayerSuggestion,
     SweepResult,
@@ -46,7 +54,7 @@ from editkit.tracing.results import (
     average_indirect_effect,
     token_groups,
 )
-from editkit.tracing.trace import CausalTracer, causal_trace, trace_records
+from editkit.tracing.trace import CausalTracer, TracedRecords, causal_trace, trace_records
 
 __all__ = [
     "ALL_KINDS", "GROUPS", "KINDS", "SEVERED_KINDS", "AIEResult", "CausalTracer",
@@ -55,5 +63,5 @@ __all__ = [
     "make_noise", "mlp_aie", "plot_aie", "plot_aie_heatmaps", "plot_layer_sweep",
     "plot_severed", "plot_trace", "plot_traces", "save_figure", "subject_token_range",
     "suggest_layer", "token_groups", "causal_trace", "trace_naive", "trace_records",
-    "window_layers",
+    "window_layers", "scaled_window", "resolve_token_range", "TracedRecords",
 ]

@@ -27,7 +27,7 @@ from editkit.errors import InvalidHyperParamsError, InvalidRequestError
 from editkit.eval.metrics import harmonic_mean
 from editkit.eval.quality import edit_success
 from editkit.protocols import TokenizerLike
-from editkit.tracing.corruption import DEFAULT_NOISE, DEFAULT_SAMPLES
+from editkit.tracing.corruption import DEFAULT_SAMPLES
 from editkit.tracing.results import AIEResult, average_indirect_effect
 from editkit.tracing.trace import as_trace_requests, trace_records
 
@@ -54,12 +54,17 @@ def layer_from_aie(aie: AIEResult, group: str = SUGGEST_GROUP) -> LayerSuggestio
 
 def mlp_aie(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any], *, n: int | None = None,
             window: int | None = None, samples: int = DEFAULT_SAMPLES,
-            noise: float = DEFAULT_NOISE, noise_std: float | None = None,
+            noise: float | None = None, noise_std: float | None = None,
+            noise_multiple: float | None = None,
             texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
-            only_correct: bool = False, adapter=None, progress: bool = True) -> AIEResult:
-    """AIE of MLP-output restorations over ``records`` (CounterFact dicts or requests)."""
+            only_correct: bool = False, answer: str = "predicted", adapter=None,
+            progress: bool = True) -> AIEResult:
+    """AIE of MLP-output restorations over ``records`` (CounterFact dicts or requests);
+    ``answer`` as :func:`~editkit.tracing.trace_records` (default: the facts the model
+    predicts, on its prediction)."""
     traces = trace_records(model, tokenizer, records, kinds=("mlp",), window=window, n=n,
-                           samples=samples, noise=noise, noise_std=noise_std, texts=texts,
+                           samples=samples, noise=noise, noise_std=noise_std,
+                           noise_multiple=noise_multiple, texts=texts, answer=answer,
                            seed=seed, batch_size=batch_size, adapter=adapter,
                            progress=progress)
     return average_indirect_effect([t["mlp"] for t in traces], only_correct=only_correct)
@@ -67,22 +72,25 @@ def mlp_aie(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any], 
 
 def suggest_layer(model: nn.Module, tokenizer: TokenizerLike, records: Iterable[Any], *,
                   n: int | None = None, window: int | None = None,
-                  samples: int = DEFAULT_SAMPLES, noise: float = DEFAULT_NOISE,
-                  noise_std: float | None = None, texts: Sequence[str] | None = None,
+                  samples: int = DEFAULT_SAMPLES, noise: float | None = None,
+                  noise_std: float | None = None, noise_multiple: float | None = None,
+                  texts: Sequence[str] | None = None,
                   seed: int = 0, batch_size: int = 512, only_correct: bool = False,
-                  group: str = SUGGEST_GROUP, adapter=None, progress: bool = True
-                  ) -> LayerSuggestion:
+                  answer: str = "predicted", group: str = SUGGEST_GROUP, adapter=None,
+                  progress: bool = True) -> LayerSuggestion:
     """The layer to edit: argmax over layers of the MLP AIE at the subject's last token.
 
-    Traces the rewrite prompt of each record (answer = its ``target_true``) with MLP
-    restorations over a window of ``window`` layers (default
-    :func:`~editkit.tracing.trace.default_window`) and returns ``(layer, curve)`` where
-    ``curve[l]`` is the AIE of the window centred on l. ``only_correct`` keeps the facts whose
-    true answer is the model's top-1 prediction (the paper traces known facts only).
+    Traces the rewrite prompt of each record the model predicts correctly (the paper traces
+    known facts only; ``answer="target_true"`` traces every record's ``target_true``) with
+    MLP restorations over a window of ``window`` layers (default
+    :func:`~editkit.tracing.kinds.default_window`: 10, clipped to the depth) and returns
+    ``(layer, curve)`` where ``curve[l]`` is the AIE of the window centred on l.
+    ``only_correct`` (with ``answer="target_true"``) averages over predicted facts only.
     """
     aie = mlp_aie(model, tokenizer, records, n=n, window=window, samples=samples, noise=noise,
-                  noise_std=noise_std, texts=texts, seed=seed, batch_size=batch_size,
-                  only_correct=only_correct, adapter=adapter, progress=progress)
+                  noise_std=noise_std, noise_multiple=noise_multiple, texts=texts, seed=seed,
+                  batch_size=batch_size, only_correct=only_correct, answer=answer,
+                  adapter=adapter, progress=progress)
     return layer_from_aie(aie, group)
 
 

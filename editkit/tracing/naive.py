@@ -31,10 +31,13 @@ from editkit.tracing.results import TraceResult
 
 
 def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
-                target: str | None = None, *, kinds: str | Iterable[str] = kind_table.KINDS,
+                target: str | None = None, *,
+                kinds: str | Iterable[str] | None = kind_table.KINDS,
                 window: int | None = None, samples: int = corruption.DEFAULT_SAMPLES,
-                noise: float = corruption.DEFAULT_NOISE, noise_std: float | None = None,
-                texts=None, seed: int = 0, adapter=None) -> dict[str, TraceResult]:
+                noise: float | None = None, noise_std: float | None = None,
+                noise_multiple: float | None = None, uniform_noise: bool = False,
+                replace: bool | str = False, token_range=None, texts=None, seed: int = 0,
+                noise_rng: str = "torch", adapter=None) -> dict[str, TraceResult]:
     """Same arguments and results as :func:`~editkit.tracing.causal_trace`, one cell at a time."""
     from editkit.registry import get_adapter
 
@@ -42,13 +45,23 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
     kinds = kind_table.check_kinds(kinds)
     L = adapter.num_layers(model)
     window = kind_table.check_window(window, L)
-    if noise_std is None:
-        noise_std = corruption.noise_std_for(model, tokenizer, adapter, noise, texts)
+    multiple, noise_std = corruption.resolve_noise(noise, noise_multiple, noise_std)
+    prompt = corruption.normalise_prompt(prompt, subject)
+    replacement = None
+    if isinstance(replace, str):
+        replacement = corruption.subject_embeddings(model, tokenizer, replace, adapter)
+        noise_std = 0.0
+    elif noise_std is None:  # σ over the given texts, else over this prompt's subject
+        noise_std = corruption.noise_std_for(model, tokenizer, adapter, multiple,
+                                             texts or [subject])
     emb_name = adapter.module_name("embedding")
     hidden = adapter.module(model, "embedding").weight.shape[-1]
     tp = corruption.prepare_prompt(tokenizer, prompt, subject, target, hidden_size=hidden,
-                        samples=samples, noise_std=float(noise_std), seed=seed)
+                                   samples=samples, noise_std=float(noise_std), seed=seed,
+                                   uniform=uniform_noise, replace=bool(replace),
+                                   replacement=replacement, rng=noise_rng)
     T = tp.n_tokens
+    tokens = kind_table.resolve_token_range(token_range, T, tp.subject_range)
     ids = torch.tensor([tp.input_ids], device=corruption.model_device(model))
     noisy_ids = ids.expand(samples, -1)
     names = {slot: [adapter.module_name(slot, i) for i in range(L)]
@@ -57,7 +70,7 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
     noise = corruption.embedding_noise(model, adapter, tp.noise)
 
     def add_noise(h: torch.Tensor) -> torch.Tensor:
-        return corruption.corrupt(h, noise, tp.subject_range)
+        return corruption.corrupt(h, noise, tp.subject_range, tp.replace)
 
     with corruption.eval_mode(model):
         # clean run: every state we may restore
@@ -97,8 +110,8 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
         results = {}
         for kind in kinds:
             slot, freeze = kind_table.SLOT_OF_KIND[kind], kind_table.FREEZE_OF_KIND.get(kind)
-            scores = np.zeros((T, L), dtype=np.float64)
-            for t in range(T):
+            scores = np.full((T, L), np.nan, dtype=np.float64)
+            for t in range(T) if tokens is None else sorted(tokens):
                 for layer in range(L):
                     layers = [layer] if slot == "block" else kind_table.window_layers(layer, window, L)
                     scores[t, layer] = restored_prob(slot, t, layers, freeze)
@@ -108,5 +121,6 @@ def trace_naive(model: nn.Module, tokenizer, prompt: str, subject: str,
                 window=1 if slot == "block" else window, prompt=prompt, subject=subject,
                 answer=tp.answer, answer_id=tp.answer_id, samples=samples,
                 noise_std=float(noise_std), correct_prediction=top1 == tp.answer_id,
+                token_range=None if tokens is None else sorted(tokens),
             )
     return results

@@ -79,7 +79,9 @@ def _title(kind: str, window: int) -> str:
 def _xlabel(kind: str, window: int) -> str:
     if kind.startswith("hidden") or window == 1:
         return "restored layer"
-    return f"centre of {window} restored layers"
+    # windows are labelled by their centre l, restoring [l − ⌊w/2⌋, l + ⌈w/2⌉) clipped to the
+    # network, as in the reference's heatmaps (kinds.window_layers)
+    return f"centre of a window of {window} restored layers (clipped at the ends)"
 
 
 def _heatmap(ax, result: TraceResult, colorbar: bool = True) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from editkit.errors import InvalidRequestError
 from editkit.tracing.corruption import DEFAULT_SAMPLES
+from editkit.tracing.kinds import WINDOW_LABEL, window_layers
 
 #: Token groups of the AIE (paper Fig. 2).
 GROUPS = (
@@ -35,7 +36,15 @@ class TraceResult:
     """Causal trace of one prompt for one kind.
 
     ``scores[i, l]`` is P(answer) averaged over the noise samples after restoring token i at
-    layer l (window centred on l for MLP/attention); ``indirect_effects = scores − p_corrupt``.
+    layer l (window centred on l for MLP/attention: ``window_label`` says "centre", the
+    layers are :meth:`restored_layers`); ``indirect_effects = scores − p_corrupt``. Rows of
+    tokens outside ``token_range`` (when one was asked for) are NaN: not traced.
+
+    How it was corrupted: ``noise_std`` is ν, ``noise_multiple`` ν/σ when ν came from σ
+    (``None`` when ν was given), ``sigma_source`` where σ came from, ``corruption`` the kind
+    of corruption; ``weak_corruption`` is true when P(answer) barely moved
+    (|p_clean − p_corrupt| < :data:`~editkit.tracing.corruption.WEAK_EFFECT` · p_clean).
+    ``correct_prediction``: the model's top-1 token is the answer's first token.
     """
 
     kind: str
@@ -52,6 +61,16 @@ class TraceResult:
     samples: int = DEFAULT_SAMPLES
     noise_std: float = 0.0
     correct_prediction: bool = True
+    noise_multiple: float | None = None
+    sigma_source: str = ""
+    corruption: str = "gaussian"
+    weak_corruption: bool = False
+    window_label: str = WINDOW_LABEL
+    token_range: list[int] | None = None
+
+    def restored_layers(self, layer: int) -> list[int]:
+        """The layers restored in column ``layer`` (its window's centre, clipped)."""
+        return list(window_layers(layer, self.window, self.n_layers))
 
     @property
     def indirect_effects(self) -> np.ndarray:
@@ -69,6 +88,10 @@ class TraceResult:
             "prompt": self.prompt, "subject": self.subject, "answer": self.answer,
             "answer_id": self.answer_id, "samples": self.samples, "noise_std": self.noise_std,
             "correct_prediction": self.correct_prediction,
+            "noise_multiple": self.noise_multiple, "sigma_source": self.sigma_source,
+            "corruption": self.corruption, "weak_corruption": self.weak_corruption,
+            "window_label": self.window_label,
+            "token_range": None if self.token_range is None else list(self.token_range),
         }
 
     @classmethod
@@ -159,7 +182,7 @@ def average_indirect_effect(results: Sequence[TraceResult], *, only_correct: boo
     for r in results:
         ie = r.indirect_effects
         for g, idx in token_groups(len(r.tokens), r.subject_range).items():
-            if idx:
+            if idx and np.isfinite(ie[idx]).all():  # NaN: outside the traced token_range
                 per_group[g].append(ie[idx].mean(axis=0))
     mean = np.zeros((len(GROUPS), n_layers))
     stderr = np.zeros((len(GROUPS), n_layers))

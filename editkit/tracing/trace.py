@@ -94,16 +94,20 @@ from editkit.nethooks import Trace, as_tokens, first_tensor, hidden_of, with_hid
 from editkit.replay import BlockCalls, Call, expand_batch
 from editkit.requests import EditRequest
 from editkit.tracing.corruption import (
-    DEFAULT_NOISE,
     DEFAULT_SAMPLES,
+    WEAK_EFFECT,
     TracePrompt,
     answer_probs,
     corrupt,
     embedding_noise,
+    embedding_std,
     eval_mode,
     model_device,
     noise_std_for,
+    normalise_prompt,
     prepare_prompt,
+    resolve_noise,
+    subject_embeddings,
 )
 from editkit.tracing.kinds import (
     FREEZE_OF_KIND,
@@ -111,6 +115,7 @@ from editkit.tracing.kinds import (
     SLOT_OF_KIND,
     check_kinds,
     check_window,
+    resolve_token_range,
     window_layers,
 )
 from editkit.tracing.results import (
@@ -123,13 +128,14 @@ logger = logging.getLogger(__name__)
 #: so that ``from editkit.tracing.trace import TraceResult`` and the like keep working.
 _MOVED = {
     **dict.fromkeys(("embedding_std", "make_noise", "subject_token_range",
-                     "weight_embedding_std"), "corruption"),
+                     "weight_embedding_std", "DEFAULT_NOISE"), "corruption"),
     **dict.fromkeys(("ALL_KINDS", "SEVERED_KINDS", "default_window"), "kinds"),
     **dict.fromkeys(("GROUPS", "AIEResult", "aie_by_kind", "average_indirect_effect",
                      "token_groups"), "results"),
 }
 
-__all__ = ["CausalTracer", "as_trace_requests", "causal_trace", "trace_records"]
+__all__ = ["CausalTracer", "TracedRecords", "as_trace_requests", "causal_trace",
+           "resolve_token_range", "trace_records"]
 
 
 def __getattr__(name: str) -> Any:
@@ -271,8 +277,15 @@ class _Restore:
 class CausalTracer:
     """Fast causal tracing of one model (see the module docstring for the method).
 
-    ``noise_std`` is ν (default 3σ with σ = :func:`embedding_std` of ``texts``, or of the
-    embedding matrix if no texts are given); ``samples`` noise draws per prompt (paper 10);
+    Corruption (paper §2.1; see :mod:`~editkit.tracing.corruption`): ν is ``noise_std`` when
+    given (an absolute standard deviation: the reference code's ``noise=``), else
+    ``noise_multiple`` · σ (default 3, the paper's) with σ = :func:`embedding_std` of
+    ``texts``, or, without texts, of the traced prompt's subject (the paper measures σ over
+    subjects); ``noise`` is the deprecated name of ``noise_multiple``. ``uniform_noise`` draws
+    U(−ν, ν) instead of N(0, ν²); ``replace=True`` writes the noise over the subject's
+    embeddings instead of adding it, ``replace="another subject"`` writes that subject's
+    embeddings (the reference's options); ``noise_rng="numpy"`` with ``seed=1`` draws the
+    reference's noise exactly. ``samples`` noise draws per prompt (paper 10);
     ``seed`` seeds the noise of every prompt; ``batch_size`` caps the rows (restorations ×
     samples) of one forward; ``reuse_prefix`` runs a restoration at token t on tokens ≥ t only,
     with the corrupted run's keys/values of the earlier tokens (off: whole prompt);
@@ -286,7 +299,7 @@ class CausalTracer:
     noise_std: float | None = None
     texts: Sequence[str] | None = None
     samples: int = DEFAULT_SAMPLES
-    noise: float = DEFAULT_NOISE
+    noise: float | None = None
     seed: int = 0
     batch_size: int = 512
     adapter: Any = None
@@ -294,6 +307,10 @@ class CausalTracer:
     reuse_prefix: bool = True
     first_blocks: bool = True
     verify: bool = True
+    noise_multiple: float | None = None
+    uniform_noise: bool = False
+    replace: bool | str = False
+    noise_rng: str = "torch"
     _verified: bool = field(default=False, init=False, repr=False)
     _first_block_ok: bool = field(default=True, init=False, repr=False)
     _trim_attn_ok: bool = field(default=True, init=False, repr=False)
@@ -303,6 +320,9 @@ class CausalTracer:
     _span_calls: dict[tuple[int, int], list[Call]] = field(default_factory=dict, init=False,
                                                            repr=False)
     _share_calls: bool | None = field(default=None, init=False, repr=False)
+    _weak: int = field(default=0, init=False, repr=False)
+    #: the model's top-1 next token (decoded) on the last traced prompt
+    last_prediction: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         from editkit.registry import get_adapter
@@ -310,9 +330,27 @@ class CausalTracer:
         self.adapter = self.adapter or get_adapter(self.model)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InvalidHyperParamsError(f"batch_size={self.batch_size!r} must be ≥ 1")
-        if self.noise_std is None:
-            self.noise_std = noise_std_for(self.model, self.tokenizer, self.adapter, self.noise,
-                                           self.texts)
+        self.noise_multiple, self.noise_std = resolve_noise(self.noise, self.noise_multiple,
+                                                            self.noise_std)
+        self.noise = None  # warned once; ``noise_multiple`` holds its value
+        self._replacement = None
+        if isinstance(self.replace, str):
+            if not self.replace.strip():
+                raise InvalidRequestError("replace='' is empty; give another subject's name "
+                                          "(or replace=True to write the noise over it)")
+            self._replacement = subject_embeddings(self.model, self.tokenizer, self.replace,
+                                                   self.adapter)
+            self.sigma_source = f"none: subject replaced by the embeddings of {self.replace!r}"
+            self.noise_std = 0.0 if self.noise_std is None else self.noise_std
+        elif self.noise_std is not None:
+            self.sigma_source = "none: noise_std given (absolute)"
+            self.noise_multiple = None
+        elif self.texts:
+            self.noise_std = noise_std_for(self.model, self.tokenizer, self.adapter,
+                                           self.noise_multiple, self.texts)
+            self.sigma_source = f"token embeddings of {len(self.texts)} given text(s)"
+        else:  # per prompt, from its subject (see :meth:`prepare`)
+            self.sigma_source = "token embeddings of the traced prompt's subject"
         self.n_layers = self.adapter.num_layers(self.model)
         self._cache_arg = compat.cache_argument(self.model) if self.reuse_prefix else None
         self._first_block_ok = self.first_blocks
@@ -325,40 +363,94 @@ class CausalTracer:
         return {"reuse_prefix": self._cache_arg is not None,
                 "first_blocks": self._first_block_ok}
 
-    def prepare(self, prompt: str, subject: str, target: str | None = None) -> TracePrompt:
+    def prompt_noise_std(self, subject: str) -> float:
+        """ν for a prompt with ``subject``: the tracer's, or ``noise_multiple`` · σ of the
+        subject's token embeddings when the tracer was given neither texts nor ν."""
+        if self.noise_std is not None:
+            return float(self.noise_std)
+        return self.noise_multiple * embedding_std(self.model, self.tokenizer, [subject],
+                                                   self.adapter)
+
+    @property
+    def corruption(self) -> str:
+        """The kind of corruption, in words (recorded in every result)."""
+        if self._replacement is not None:
+            return f"replace with {self.replace!r}"
+        dist = "uniform" if self.uniform_noise else "gaussian"
+        return f"replace with {dist} noise" if self.replace else dist
+
+    def prepare(self, prompt: str, subject: str, target: str | None = None,
+                noise_std: float | None = None) -> TracePrompt:
         hidden = self.adapter.module(self.model, "embedding").weight.shape[-1]
+        prompt = normalise_prompt(prompt, subject)
+        if noise_std is None:
+            noise_std = 0.0 if self._replacement is not None else self.prompt_noise_std(subject)
         return prepare_prompt(self.tokenizer, prompt, subject, target, hidden_size=hidden,
-                              samples=self.samples, noise_std=float(self.noise_std),
-                              seed=self.seed)
+                              samples=self.samples, noise_std=noise_std,
+                              seed=self.seed, uniform=self.uniform_noise,
+                              replace=bool(self.replace), replacement=self._replacement,
+                              rng=self.noise_rng)
 
     def trace(self, prompt: str, subject: str, target: str | None = None, *,
-              kinds: str | Iterable[str] = KINDS, window: int | None = None
+              kinds: str | Iterable[str] | None = KINDS, window: int | None = None,
+              token_range: str | Iterable[int] | None = None, skip_wrong: bool = False
               ) -> dict[str, TraceResult]:
         """Trace ``fill(prompt, subject)`` for each of ``kinds``; ``{kind: TraceResult}``.
 
-        ``target`` is the answer whose probability is read (its first token); ``None`` uses
-        the model's own top-1 next token.
+        ``prompt`` has ``{}`` for the subject, or contains the subject (the reference
+        notebook's form). ``target`` is the answer whose probability is read (its first
+        token); ``None`` uses the model's own top-1 next token. ``token_range``: the tokens
+        to restore (default all; ``"subject_last"`` as the reference, ``"subject"``,
+        ``"last"``, or token indices); the other rows are NaN. ``skip_wrong``: return ``{}``
+        without tracing when the model's top-1 token is not ``target``'s first token (the
+        reference's ``expect=``).
         """
         kinds = check_kinds(kinds)
         window = check_window(window, self.n_layers)
-        tp = self.prepare(prompt, subject, target)
+        normalise_prompt(prompt, subject)  # a bad prompt fails before σ is measured
+        nu = 0.0 if self._replacement is not None else self.prompt_noise_std(subject)
+        tp = self.prepare(prompt, subject, target, nu)
+        tokens = resolve_token_range(token_range, tp.n_tokens, tp.subject_range)
         with eval_mode(self.model), _gc_paused():
             runs = self._runs(tp)
+            self.last_prediction = self.tokenizer.decode([runs.top1])
+            if skip_wrong and runs.top1 != tp.answer_id:
+                return {}
             with self._hooked():
                 if self.verify and not self._verified:
                     self._check_partial_forward(tp, runs)
-                scores = self._restorations(tp, runs, kinds, window)
+                scores = self._restorations(tp, runs, kinds, window, tokens)
+        weak = self._check_effect(tp, runs, nu)
         return {
             k: TraceResult(
                 kind=k, scores=scores[k], p_clean=runs.p_clean, p_corrupt=runs.p_corrupt,
                 tokens=tp.tokens, subject_range=tp.subject_range,
-                window=1 if SLOT_OF_KIND[k] == "block" else window, prompt=prompt,
+                window=1 if SLOT_OF_KIND[k] == "block" else window, prompt=tp.prompt,
                 subject=subject, answer=tp.answer, answer_id=tp.answer_id,
-                samples=self.samples, noise_std=float(self.noise_std),
+                samples=self.samples, noise_std=nu,
                 correct_prediction=runs.top1 == tp.answer_id,
+                noise_multiple=(None if self.sigma_source.startswith("none")
+                                else self.noise_multiple),
+                sigma_source=self.sigma_source, corruption=self.corruption,
+                weak_corruption=weak,
+                token_range=None if tokens is None else sorted(tokens),
             )
             for k in kinds
         }
+
+    def _check_effect(self, tp: TracePrompt, runs: _Runs, nu: float) -> bool:
+        """Whether the corruption barely moved P(answer); logged (the first time as a warning,
+        with the likely cause)."""
+        weak = abs(runs.p_clean - runs.p_corrupt) < WEAK_EFFECT * runs.p_clean
+        if weak:
+            self._weak += 1
+            log = logger.warning if self._weak == 1 else logger.debug
+            log("the corruption barely moves the prediction on %r (P(%r) %.4f clean, %.4f "
+                "corrupted; ν = %.4g, σ from %s): indirect effects will be ~0. If you passed "
+                "the reference code's noise= value, it is an absolute std: use noise_std=, "
+                "or noise_multiple= for a multiple of σ", tp.text, tp.answer, runs.p_clean,
+                runs.p_corrupt, nu, self.sigma_source)
+        return weak
 
     @contextlib.contextmanager
     def _hooked(self) -> Iterator[_BatchHooks]:
@@ -402,7 +494,7 @@ class CausalTracer:
         noise = embedding_noise(model, self.adapter, tp.noise)
 
         def add_noise(name: str, h: torch.Tensor) -> torch.Tensor:
-            return corrupt(h, noise, tp.subject_range) if name == emb else h
+            return corrupt(h, noise, tp.subject_range, tp.replace) if name == emb else h
 
         use_cache = self._cache_arg is not None
         with Trace(model, blocks, retain_input=True) as c_in, \
@@ -473,7 +565,8 @@ class CausalTracer:
         return (token, calls) if calls is not None else (0, runs.calls)
 
     # ------------------------------------------------------------- restorations
-    def _plan(self, tp: TracePrompt, kinds: Sequence[str], window: int
+    def _plan(self, tp: TracePrompt, kinds: Sequence[str], window: int,
+              tokens: set[int] | None = None
               ) -> tuple[dict[str, dict[tuple[int, int], _Restore]], list[_Restore]]:
         """Every (kind, token, layer) cell → its restoration; unique restorations."""
         L, (b, _) = self.n_layers, tp.subject_range
@@ -483,6 +576,8 @@ class CausalTracer:
             slot, freeze = SLOT_OF_KIND[kind], FREEZE_OF_KIND.get(kind)
             cells[kind] = {}
             for t in range(b, tp.n_tokens):  # tokens before the subject: no effect
+                if tokens is not None and t not in tokens:
+                    continue
                 for layer in range(L):
                     layers = (layer,) if slot == "block" else tuple(
                         window_layers(layer, window, L))
@@ -550,9 +645,9 @@ class CausalTracer:
             out += [group[i:i + per_batch] for i in range(0, len(group), per_batch)]
         return out
 
-    def _restorations(self, tp: TracePrompt, runs: _Runs, kinds: Sequence[str], window: int
-                      ) -> dict[str, np.ndarray]:
-        cells, unique = self._plan(tp, kinds, window)
+    def _restorations(self, tp: TracePrompt, runs: _Runs, kinds: Sequence[str], window: int,
+                      tokens: set[int] | None = None) -> dict[str, np.ndarray]:
+        cells, unique = self._plan(tp, kinds, window, tokens)
         value: dict[_Restore, float] = {}
         first_block = self._first_block_ok
         batches = self._batches(unique, first_block)
@@ -564,6 +659,8 @@ class CausalTracer:
             scores = np.full((tp.n_tokens, self.n_layers), runs.p_corrupt, dtype=np.float64)
             for (t, layer), r in cells[kind].items():
                 scores[t, layer] = value[r]  # cells not planned: no effect, P*(o)
+            if tokens is not None:  # rows not asked for: not traced
+                scores[[t for t in range(tp.n_tokens) if t not in tokens]] = np.nan
             out[kind] = scores
         return out
 
@@ -739,16 +836,29 @@ class CausalTracer:
 
 # --------------------------------------------------------------------------- conveniences
 def causal_trace(model: nn.Module, tokenizer, prompt: str, subject: str,
-                 target: str | None = None, *, kinds: str | Iterable[str] = KINDS,
+                 target: str | None = None, *, kinds: str | Iterable[str] | None = KINDS,
                  window: int | None = None, samples: int = DEFAULT_SAMPLES,
-                 noise: float = DEFAULT_NOISE, noise_std: float | None = None,
-                 texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
-                 adapter=None, progress: bool = False) -> dict[str, TraceResult]:
-    """Causal trace of one prompt (fast). See :class:`CausalTracer` for the arguments."""
+                 noise: float | None = None, noise_std: float | None = None,
+                 noise_multiple: float | None = None, uniform_noise: bool = False,
+                 replace: bool | str = False, token_range: str | Iterable[int] | None = None,
+                 texts: Sequence[str] | None = None, seed: int = 0, noise_rng: str = "torch",
+                 batch_size: int = 512, adapter=None, progress: bool = False
+                 ) -> dict[str, TraceResult]:
+    """Causal trace of one prompt (fast). See :class:`CausalTracer` for the arguments and
+    :meth:`CausalTracer.trace` for ``token_range``.
+
+    Defaults reproduce the paper: ν = 3σ with σ over the subject's token embeddings (pass
+    ``texts=`` for σ over more subjects), 10 Gaussian samples, window 10 (clipped to the
+    depth). ``prompt`` may be filled ("The Eiffel Tower is in" with subject "The Eiffel
+    Tower") or have ``{}`` for the subject.
+    """
     tracer = CausalTracer(model, tokenizer, noise_std=noise_std, texts=texts, samples=samples,
-                          noise=noise, seed=seed, batch_size=batch_size, adapter=adapter,
+                          noise=noise, noise_multiple=noise_multiple,
+                          uniform_noise=uniform_noise, replace=replace, seed=seed,
+                          noise_rng=noise_rng, batch_size=batch_size, adapter=adapter,
                           progress=progress)
-    return tracer.trace(prompt, subject, target, kinds=kinds, window=window)
+    return tracer.trace(prompt, subject, target, kinds=kinds, window=window,
+                        token_range=token_range)
 
 
 def as_trace_requests(records: Iterable[Any]) -> list[EditRequest]:
@@ -769,24 +879,51 @@ def as_trace_requests(records: Iterable[Any]) -> list[EditRequest]:
     return out
 
 
-def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
-                  kinds: str | Iterable[str] = KINDS, window: int | None = None,
-                  n: int | None = None, samples: int = DEFAULT_SAMPLES,
-                  noise: float = DEFAULT_NOISE, noise_std: float | None = None,
-                  texts: Sequence[str] | None = None, seed: int = 0, batch_size: int = 512,
-                  adapter=None, progress: bool = True,
-                  group: Any = None) -> list[dict[str, TraceResult]]:
-    """Trace the rewrite prompt of each record; the answer is its ``target_true``.
+class TracedRecords(list):
+    """The traces of :func:`trace_records` (a list of ``{kind: TraceResult}``, in record
+    order), with ``skipped``: ``(index, request, predicted token)`` of each record not traced
+    because the model does not predict its ``target_true``, and ``indices``: the record index
+    of each trace."""
 
-    σ defaults to :func:`embedding_std` over the records' subjects, as in the paper. Records
-    without ``target_true`` are traced on the model's own prediction.
+    def __init__(self, traces=(), skipped=(), indices=()):
+        super().__init__(traces)
+        self.skipped: list[tuple[int, EditRequest, str]] = list(skipped)
+        self.indices: list[int] = list(indices)
+
+
+#: What :func:`trace_records` traces: the model's top-1 token, skipping facts it gets wrong
+#: (the reference), or every record's ``target_true``.
+ANSWERS = ("predicted", "target_true")
+
+
+def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
+                  kinds: str | Iterable[str] | None = KINDS, window: int | None = None,
+                  n: int | None = None, samples: int = DEFAULT_SAMPLES,
+                  noise: float | None = None, noise_std: float | None = None,
+                  noise_multiple: float | None = None, uniform_noise: bool = False,
+                  replace: bool | str = False, token_range: str | Iterable[int] | None = None,
+                  answer: str = "predicted", texts: Sequence[str] | None = None,
+                  seed: int = 0, noise_rng: str = "torch", batch_size: int = 512,
+                  adapter=None, progress: bool = True, group: Any = None) -> TracedRecords:
+    """Trace the rewrite prompt of each record.
+
+    ``answer="predicted"`` (default, the reference's ``calculate_hidden_flow(...,
+    expect=...)``): trace the model's own top-1 token, and skip the records whose
+    ``target_true`` (first token) is not that prediction: they are listed in the result's
+    ``skipped`` and logged. ``answer="target_true"``: trace ``target_true`` on every record,
+    predicted or not (``correct_prediction`` says which). Records without ``target_true``
+    are traced on the model's prediction.
+
+    σ defaults to :func:`embedding_std` over the records' subjects, as in the paper.
 
     With an initialised ``torch.distributed`` process ``group`` (e.g.
     ``torch.distributed.group.WORLD`` under torchrun), every rank traces every
     ``world``-th record (σ is still estimated from all the records' subjects, so the noise
-    is the same as in one process) and every rank returns the full list in record order,
+    is the same as in one process) and every rank returns the full result in record order,
     equal to the one-process result; only rank 0 shows progress.
     """
+    if answer not in ANSWERS:
+        raise InvalidHyperParamsError(f"answer={answer!r} must be one of {ANSWERS}")
     requests = as_trace_requests(records)[:n] if n is not None else as_trace_requests(records)
     if not requests:
         raise InvalidRequestError("no records to trace; pass at least one record")
@@ -794,13 +931,38 @@ def trace_records(model: nn.Module, tokenizer, records: Iterable[Any], *,
         texts = [r.subject for r in requests]
     rank, world = rank_and_world(group)
     tracer = CausalTracer(model, tokenizer, noise_std=noise_std, texts=texts, samples=samples,
-                          noise=noise, seed=seed, batch_size=batch_size, adapter=adapter)
+                          noise=noise, noise_multiple=noise_multiple,
+                          uniform_noise=uniform_noise, replace=replace, seed=seed,
+                          noise_rng=noise_rng, batch_size=batch_size, adapter=adapter)
+
+    def trace_one(r: EditRequest) -> tuple[dict[str, TraceResult] | None, str]:
+        skip = answer == "predicted" and r.target_true is not None
+        res = tracer.trace(r.prompt, r.subject, r.target_true, kinds=kinds, window=window,
+                           token_range=token_range, skip_wrong=skip)
+        return (res or None), tracer.last_prediction
+
     # Each trace seeds its own noise (seed=), so a record's result does not depend on which
     # records were traced before it: sharding changes nothing but who computes it.
     mine = shard_indices(len(requests), rank, world)
-    local = {
-        i: tracer.trace(requests[i].prompt, requests[i].subject, requests[i].target_true,
-                        kinds=kinds, window=window)
-        for i in tqdm(mine, desc="causal trace", disable=not progress or rank != 0)
-    }
-    return gather_in_order(local, len(requests), group)
+    local = {i: trace_one(requests[i])
+             for i in tqdm(mine, desc="causal trace", disable=not progress or rank != 0)}
+    out = TracedRecords()
+    for i, (res, predicted) in enumerate(gather_in_order(local, len(requests), group)):
+        if res:
+            out.append(res)
+            out.indices.append(i)
+        else:
+            out.skipped.append((i, requests[i], predicted))
+    weak = sum(next(iter(t.values())).weak_corruption for t in out)
+    if weak > 1:
+        logger.warning("the corruption barely moved the prediction on %d of %d traced records "
+                       "(see their weak_corruption field)", weak, len(out))
+    if out.skipped:
+        logger.warning("skipped %d of %d records whose target_true the model does not predict "
+                       "(as the reference does; answer='target_true' traces them too)",
+                       len(out.skipped), len(requests))
+    if not out:
+        raise InvalidRequestError(
+            f"the model predicts none of the {len(requests)} records' target_true, so nothing "
+            "was traced; pass answer='target_true' to trace them anyway")
+    return out
