@@ -40,6 +40,7 @@ from editkit.errors import (
     InvalidHyperParamsError,
     PatchMismatchError,
     TokenizerError,
+    UnsupportedModelError,
 )
 from editkit.hparams import HyperParams
 from editkit.patch import Delta, Patch, load_patch
@@ -399,6 +400,13 @@ class Editor(ABC):
         history = EditHistory.of(self.model)
         params = dict(self.model.named_parameters())
         guarded = list(dict.fromkeys(self.edited_parameters()))
+        offloaded = [n for n in guarded if params[n].device.type == "meta"]
+        if offloaded:  # accelerate keeps offloaded weights on "meta" and loads them per forward
+            raise UnsupportedModelError(
+                f"{self.name} cannot edit {offloaded}: the weight is offloaded (on the meta "
+                "device, e.g. by accelerate's device_map with CPU/disk offload), so there is "
+                "no tensor to change. Dispatch the model with that layer on a device, or edit "
+                "another layer")
         snapshot = {n: params[n].detach().clone() for n in guarded}
         n_before = len(history.edits)
         try:

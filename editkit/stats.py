@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from editkit.cache import default_cache_dir, sweep_stale_once
 from editkit.errors import DatasetFormatError, StatsError
 from editkit.jsonio import iter_jsonl
+from editkit.models import compat
 from editkit.nethooks import Trace
 from editkit.registry import TEXT_SOURCES, get_adapter
 from editkit.tokens import context_length, pad_id, right_pad
@@ -354,7 +355,7 @@ def model_fingerprint(model: nn.Module, adapter: Any, layer: int) -> str:
                 continue
         elif name.startswith(after):
             continue
-        _tensor_digest(h, name, p, full=name in full)
+        _tensor_digest(h, name, compat.parameter_value(model, name, p), full=name in full)
     return h.hexdigest()[:32]
 
 
@@ -362,7 +363,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     """Strided content hash of every parameter (cheap; changes with any real edit)."""
     h = hashlib.sha256(str(getattr(model.config, "model_type", "?")).encode())
     for name, p in model.named_parameters():
-        _tensor_digest(h, name, p, full=False)
+        _tensor_digest(h, name, compat.parameter_value(model, name, p), full=False)
     return h.hexdigest()[:32]
 
 

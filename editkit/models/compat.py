@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from editkit.errors import UnsupportedModelError
+
 #: Names of the key/value-cache argument of ``model.forward``, newest first.
 CACHE_ARGUMENTS = ("cache", "past_key_values")
 
@@ -142,3 +144,18 @@ def embedding_module_scales(module: nn.Module) -> bool:
     overrides ``forward`` (``Gemma2TextScaledWordEmbedding``) returns them already scaled.
     """
     return type(module).forward is not nn.Embedding.forward
+
+
+def parameter_value(model: nn.Module, name: str, param: torch.Tensor) -> torch.Tensor:
+    """The data of parameter ``name``: ``param`` itself, or, when accelerate offloaded it (a
+    placeholder on the meta device), the tensor its hook loads for each forward."""
+    if param.device.type != "meta":
+        return param
+    module_name, _, key = name.rpartition(".")
+    hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+    weights = getattr(hook, "weights_map", None)
+    if weights is None:
+        raise UnsupportedModelError(
+            f"parameter {name} is on the meta device and no offload hook holds its data; load "
+            "the model with its weights (not on the meta device)")
+    return weights[key]
