@@ -88,7 +88,8 @@ class LocateEditor(Editor):
             vp = self.hparams.value
             self.context_templates = generate_context_templates(
                 self.model, self.tokenizer, vp.context_template_length_params,
-                seed=vp.context_template_seed, cache_dir=self._cache("context_templates"))
+                seed=vp.context_template_seed, cache_dir=self._cache("context_templates"),
+                start=vp.context_template_start)
             logger.info("%s context templates: %s", self.name, self.context_templates)
 
     def _prepare_statistics(self, layers: Sequence[int]) -> None:
