@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from editkit.hparams import IDENTITY_FIELD, Preset, register_preset
+import torch
+
+from editkit.hparams import IDENTITY_FIELD, Preset, model_name, register_preset
 from editkit.testbed.train import FACT_WORLD_ID, META_FILE
 
 #: SmolLM2-135M's ROME layer (of 30), MEMIT's layers and λ: see docs/smollm2.md.
@@ -34,6 +36,40 @@ def is_fact_world_model(model) -> bool:
         return (Path(name) / META_FILE).is_file()
     except OSError:
         return False
+
+
+#: What SmolLM2-135M *is*, whatever directory it was loaded from: its LLaMA sizes and the
+#: norms of a few rows of its (tied) embedding, measured on the float32 weights. Names are
+#: not enough: a copy saved to ``/models/x`` has no name to match and would fall back to
+#: scaled defaults (a different layer, wikitext statistics waiting on hub retries offline).
+SMOLLM2_CONFIG: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
+SMOLLM2_EMBEDDING_NORMS: dict[int, float] = {
+    0: 2.931773, 1: 3.309603, 2: 3.361943, 100: 2.645158, 1000: 2.649128, 10000: 2.723671,
+    49151: 3.897946}
+#: Relative tolerance on those norms: bf16/fp16 copies (~3 significant digits per entry,
+#: errors averaging out over 576 entries) still match; another fine-tune of the same
+#: architecture moves them by far more.
+SMOLLM2_NORM_RTOL = 2e-3
+
+
+def is_smollm2_model(model) -> bool:
+    """Whether ``model`` is SmolLM2-135M(-Instruct): its identity field or name says so,
+    or its configuration and embedding fingerprint match (a copy in any directory)."""
+    if model_name(model).endswith(SMOLLM2):
+        return True
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) != v for k, v in SMOLLM2_CONFIG.items()):
+        return False
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if callable(get) else None
+    if weight is None or tuple(weight.shape) != (49152, 576) or weight.device.type == "meta":
+        return False
+    with torch.no_grad():
+        rows = weight[list(SMOLLM2_EMBEDDING_NORMS)].float().norm(dim=-1).cpu()
+    want = torch.tensor(list(SMOLLM2_EMBEDDING_NORMS.values()))
+    return bool(torch.allclose(rows, want, rtol=SMOLLM2_NORM_RTOL, atol=0.0))
 
 
 #: Tuned on the offline fact world (4 layers, 128 hidden) over the first 50 records,
@@ -81,9 +117,11 @@ def register() -> None:
                fw),
         Preset("alphaedit", FACT_WORLD, {**MEMIT_FACT_WORLD, "l2": 1.0},
                "MEMIT's fact-world values with l2 = 1", fw),
-        Preset("rome", SMOLLM2, ROME_SMOLLM2, "docs/smollm2.md (tracing and a layer sweep)"),
-        Preset("memit", SMOLLM2, MEMIT_SMOLLM2, "docs/smollm2.md (layers and a λ sweep)"),
+        Preset("rome", SMOLLM2, ROME_SMOLLM2, "docs/smollm2.md (tracing and a layer sweep)",
+               is_smollm2_model),
+        Preset("memit", SMOLLM2, MEMIT_SMOLLM2, "docs/smollm2.md (layers and a λ sweep)",
+               is_smollm2_model),
         Preset("alphaedit", SMOLLM2, {**MEMIT_SMOLLM2, "l2": 1.0},
-               "MEMIT's SmolLM2 values with l2 = 1"),
+               "MEMIT's SmolLM2 values with l2 = 1", is_smollm2_model),
     ):
         register_preset(preset)
