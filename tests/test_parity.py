@@ -149,3 +149,29 @@ def test_other_architectures_are_not_taken_for_smollm2(bytelevel_tokenizer):
 
     model = tiny_model("llama", len(bytelevel_tokenizer))
     assert not tb.is_smollm2_model(model)
+
+
+# ------------------------------------------------------------------ recorded statistics
+def test_a_patch_names_the_statistics_it_was_made_with(gpt2_and_tok, tmp_path):
+    from editkit.methods.rome import ROME
+
+    model, tok = gpt2_and_tok
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
+    hp.mom2_dataset = "wikitext"  # what a preset says; never read below
+    hp.value.num_grad_steps = 2
+    texts = ["The Eiffel Tower is in Paris, France."] * 5 + [
+        f"Sentence number {i} about subject {i * 7} and object {i * 3}." for i in range(200)]
+    editor = ROME(model, tok, hp, context_templates=TEMPLATES, stats_texts=texts,
+                  cache_dir=str(tmp_path))
+    patch = editor.compute_update(REQUEST)
+    assert patch.metadata["hparams"]["mom2_dataset"] == "stats_texts"
+    assert patch.metadata["settings"]["stats_texts"]["texts"] == len(texts)
+    assert hp.mom2_dataset == "wikitext"  # the caller's object is not changed
+    named = ROME(model, tok, hp, context_templates=TEMPLATES, stats_texts="pydoc")
+    assert named.hparams.mom2_dataset == "pydoc"
+    given = ROME(model, tok, hp, context_templates=TEMPLATES,
+                 covariance=editor.covariances[hp.layer])
+    assert given.compute_update(REQUEST).metadata["hparams"]["mom2_dataset"] == "covariances"
+    assert ROME(model, tok, hp, context_templates=TEMPLATES).hparams.mom2_dataset == "wikitext"
