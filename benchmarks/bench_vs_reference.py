@@ -234,6 +234,8 @@ def compare_statistics(rome, model, tok, adapter, layer, texts, max_length, reps
     old_npos = getattr(cfg, "n_positions", None)
     cfg.n_positions = max_length  # the reference truncates texts to n_positions
     ls.load_dataset = lambda *a, **k: {"train": [{"text": t} for t in texts]}
+    to_device = ls.dict_to_
+    ls.dict_to_ = lambda data, where: to_device(data, model.device)  # its "cuda"
     times = {"editkit": [], "editkit plain": [], "reference": []}
     try:
         for _ in range(reps):
