@@ -175,3 +175,22 @@ def test_a_patch_names_the_statistics_it_was_made_with(gpt2_and_tok, tmp_path):
                  covariance=editor.covariances[hp.layer])
     assert given.compute_update(REQUEST).metadata["hparams"]["mom2_dataset"] == "covariances"
     assert ROME(model, tok, hp, context_templates=TEMPLATES).hparams.mom2_dataset == "wikitext"
+
+
+def test_editors_sample_templates_with_the_configured_start(gpt2_and_tok, tmp_path):
+    from editkit.methods.rome import ROME
+
+    model, tok = gpt2_and_tok
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
+    hp.value.context_template_length_params = ((3, 2),)
+    made = {}
+    for start in ("eos", "words"):
+        hp.value.context_template_start = start
+        editor = ROME(model, tok, hp, covariance=torch.eye(192), cache_dir=str(tmp_path))
+        editor._prepare_templates()
+        made[start] = editor.context_templates
+    assert made["eos"] == tpl.generate_context_templates(model, tok, ((3, 2),),
+                                                         cache_dir=tmp_path / "x")
+    assert made["words"][1].startswith("The") and made["words"] != made["eos"]
