@@ -341,7 +341,8 @@ def main() -> None:
         rows.append(row)
         e, r = row["editkit"], row["reference"]
         print(f"  {i:3d} {request.subject[:28]:28s} editkit {e[0]:6.2f}s {_cells(e[1])} | "
-              f"reference {r[0]:6.2f}s {_cells(r[1])}", flush=True)
+              f"reference {r[0]:6.2f}s {_cells(r[1])} | v* {e[2]['v*']:.2f}s vs "
+              f"{r[2]['v*+solve']:.2f}s", flush=True)
 
     print("\n| side | ES | PS | NS | median s/edit | phases (median s) |")
     print("|---|---|---|---|---|---|")
