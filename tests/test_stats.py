@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_model
 
 import editkit
-from editkit.stats import model_fingerprint, second_moment, text_source
+from editkit.stats import length_batches, model_fingerprint, second_moment, text_source
 
 TEXTS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -108,7 +108,7 @@ def test_one_pass_for_many_layers_equals_single_layer_passes(model_tok, tmp_path
 def test_forward_stops_after_deepest_needed_layer(model_tok, tmp_path):
     model, tok = model_tok
     with BlockCounter(model) as counter:
-        moment(model, tok, [0, 1], tmp_path, use_cache=False)
+        moment(model, tok, [0, 1], tmp_path, use_cache=False, sort_by_length=False)
     n_batches = -(-len(TEXTS) // 5)
     assert counter.calls[:2] == [n_batches, n_batches]
     assert counter.calls[2:] == [0, 0]
@@ -166,14 +166,17 @@ def test_corrupted_cache_file_is_detected_and_recomputed(model_tok, tmp_path, da
 
 def test_interrupted_run_resumes_from_checkpoint(model_tok, tmp_path):
     model, tok = model_tok
-    reference = moment(model, tok, [0, 2], tmp_path / "ref", dtype="float64", use_cache=False)
+    plain = {"sort_by_length": False}  # one forward per batch of 5 texts: countable
+    reference = moment(model, tok, [0, 2], tmp_path / "ref", dtype="float64", use_cache=False,
+                       **plain)
     n_batches = -(-len(TEXTS) // 5)
     with BlockCounter(model, fail_block=0, fail_at=4), pytest.raises(RuntimeError, match="crash"):
-        moment(model, tok, [0, 2], tmp_path, dtype="float64", checkpoint_every=1)
+        moment(model, tok, [0, 2], tmp_path, dtype="float64", checkpoint_every=1, **plain)
     partial = list((tmp_path / "cache").rglob("*partial*"))
     assert len(partial) == 1
     with BlockCounter(model) as counter:
-        resumed = moment(model, tok, [0, 2], tmp_path, dtype="float64", checkpoint_every=1)
+        resumed = moment(model, tok, [0, 2], tmp_path, dtype="float64", checkpoint_every=1,
+                         **plain)
     assert counter.calls[0] == n_batches - 3  # batches 1-3 came from the checkpoint
     for layer in (0, 2):
         torch.testing.assert_close(resumed[layer], reference[layer], rtol=1e-12, atol=1e-15)
@@ -387,3 +390,50 @@ def test_stats_cli_under_torchrun_shards_and_equals_one_process(model_tok, tmp_p
     assert sorted(files) == ["l0", "l2"]
     assert_equals_one_process(model_tok, corpus, {
         layer: load_file(str(files[f"l{layer}"]))["mom2"] for layer in (0, 2)})
+
+
+# ------------------------------------------------------------- length-sorted batches
+def test_length_batches_keep_every_text_within_the_budget():
+    gen = torch.Generator().manual_seed(0)
+    ids = [list(range(int(n))) for n in torch.randint(1, 40, (200,), generator=gen)]
+    groups = length_batches(ids, 5 * 40)
+    assert sorted(map(len, ids)) == sorted(len(s) for g in groups for s in g)
+    assert all(len(g) * max(map(len, g)) <= 5 * 40 for g in groups)
+    assert length_batches([list(range(50))], 10) == [[list(range(50))]]  # too long: alone
+    padded = sum(len(g) * max(map(len, g)) for g in groups)
+    plain = sum(len(c) * max(map(len, c)) for c in (ids[i:i + 5] for i in range(0, 200, 5)))
+    assert padded < 0.75 * plain  # the point of sorting: far less padding
+
+
+def test_length_sorted_batches_give_the_plain_loops_statistics(model_tok, tmp_path):
+    model, tok = model_tok
+    texts = TEXTS * 3  # more than one window of 8 batches
+    seen = []
+    block = editkit.get_adapter(model).blocks(model)[0]
+    handle = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+    try:
+        kw = {"dtype": "float64", "use_cache": False, "texts": texts, "batch_size": 2}
+        plain = moment(model, tok, [0, 3], tmp_path, sort_by_length=False, **kw)
+        n_plain = len(seen)
+        plain_tokens = sum(b * t for b, t in seen)
+        sorted_ = moment(model, tok, [0, 3], tmp_path, **kw)
+    finally:
+        handle.remove()
+    sorted_tokens = sum(b * t for b, t in seen[n_plain:])
+    for layer in (0, 3):
+        torch.testing.assert_close(sorted_[layer], plain[layer], rtol=1e-6,
+                                   atol=1e-7 * float(plain[layer].abs().max()))
+    torch.testing.assert_close(sorted_[3], naive_moment(model, tok, 3, texts, 32), rtol=1e-5,
+                               atol=1e-6 * float(plain[3].abs().max()))
+    assert sorted_tokens < plain_tokens  # fewer padded positions run through the model
+
+
+def test_length_sorted_run_resumes_from_checkpoint(model_tok, tmp_path):
+    model, tok = model_tok
+    kw = {"dtype": "float64", "batch_size": 1, "checkpoint_every": 1}  # windows of 8 texts
+    reference = moment(model, tok, [1], tmp_path / "ref", use_cache=False, **kw)
+    with BlockCounter(model, fail_block=0, fail_at=12), pytest.raises(RuntimeError, match="crash"):
+        moment(model, tok, [1], tmp_path, **kw)
+    assert len(list((tmp_path / "cache").rglob("*partial*"))) == 1
+    resumed = moment(model, tok, [1], tmp_path, **kw)
+    torch.testing.assert_close(resumed[1], reference[1], rtol=1e-12, atol=1e-15)

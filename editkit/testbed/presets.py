@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from editkit.hparams import IDENTITY_FIELD, Preset, register_preset
+import torch
+
+from editkit.hparams import IDENTITY_FIELD, Preset, model_name, register_preset
 from editkit.testbed.train import FACT_WORLD_ID, META_FILE
 
 #: SmolLM2-135M's ROME layer (of 30), MEMIT's layers and λ: see docs/smollm2.md.
@@ -36,6 +38,47 @@ def is_fact_world_model(model) -> bool:
         return False
 
 
+#: What SmolLM2-135M *is*, whatever directory it was loaded from: its LLaMA sizes and the
+#: norms of a few rows of its (tied) embedding, measured on the float32 weights. Names are
+#: not enough: a copy saved to ``/models/x`` has no name to match and would fall back to
+#: scaled defaults (a different layer, wikitext statistics waiting on hub retries offline).
+SMOLLM2_CONFIG: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "vocab_size": 49152,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
+SMOLLM2_EMBEDDING_NORMS: dict[int, float] = {
+    0: 2.931773, 1: 3.309603, 2: 3.361943, 100: 2.645158, 1000: 2.649128, 10000: 2.723671,
+    49151: 3.897946}
+#: Relative tolerance on those norms: bf16/fp16 copies (~3 significant digits per entry,
+#: errors averaging out over 576 entries) still match; another fine-tune of the same
+#: architecture moves them by far more.
+SMOLLM2_NORM_RTOL = 2e-3
+
+
+def is_smollm2_model(model) -> bool:
+    """Whether ``model`` is SmolLM2-135M(-Instruct): its identity field or name says so,
+    or its configuration and embedding fingerprint match (a copy in any directory)."""
+    if model_name(model).endswith(SMOLLM2):
+        return True
+    config = getattr(model, "config", None)
+    if any(getattr(config, k, None) != v for k, v in SMOLLM2_CONFIG.items()):
+        return False
+    get = getattr(model, "get_input_embeddings", None)
+    weight = getattr(get(), "weight", None) if callable(get) else None
+    if weight is None or tuple(weight.shape) != (49152, 576) or weight.device.type == "meta":
+        return False
+    with torch.no_grad():
+        rows = weight[list(SMOLLM2_EMBEDDING_NORMS)].float().norm(dim=-1).cpu()
+    want = torch.tensor(list(SMOLLM2_EMBEDDING_NORMS.values()))
+    return bool(torch.allclose(rows, want, rtol=SMOLLM2_NORM_RTOL, atol=0.0))
+
+
+#: The testbed presets were tuned, and their committed results measured, with context
+#: prefixes sampled from start words. The reference's start (the end-of-text token, lengths in
+#: tokens; the default elsewhere) scores lower on the fact world's 1,024-token vocabulary,
+#: where 5 tokens are 2-3 words: ROME ES/PS/NS 0.967/0.883/0.967 → 0.900/0.833/0.977 and
+#: MEMIT 0.600/0.483/0.997 → 0.533/0.433/0.990 on 30 records (benchmarks/template_start.py).
+WORDS = "words"
+
 #: Tuned on the offline fact world (4 layers, 128 hidden) over the first 50 records,
 #: independent edits (ES / PS / NS): the subject's last token at layer 0 works, later
 #: layers do not (layer 1: 0.23 / 0.30 / 0.99 on 30 records); the model is so sure of
@@ -45,7 +88,7 @@ def is_fact_world_model(model) -> bool:
 #: is not ROME's subject-keyed edit. Statistics come from the world's own corpus.
 ROME_FACT_WORLD: dict[str, Any] = {
     "layer": 0, "mom2_dataset": "fact_world", "mom2_n_samples": 20_000, "mom2_max_length": 64,
-    "value": {"num_grad_steps": 60},
+    "value": {"num_grad_steps": 60, "context_template_start": WORDS},
 }
 #: A sweep on 20 records (batch of 20; ES/PS/NS): layers (0, 1) with λ 10 → 0.65/0.48/0.96
 #: was the best; λ 1000 → 0.05/0.13/0.99, layers (1,) λ 1 → 0.40/0.40/0.80, (2,) λ 10 →
@@ -53,20 +96,22 @@ ROME_FACT_WORLD: dict[str, Any] = {
 MEMIT_FACT_WORLD: dict[str, Any] = {
     "layers": (0, 1), "mom2_update_weight": 10.0, "mom2_dataset": "fact_world",
     "mom2_n_samples": 20_000, "mom2_max_length": 64,
-    "value": {"num_grad_steps": 25, "weight_decay": 0.0, "clamp_norm_factor": 4.0},
+    "value": {"num_grad_steps": 25, "weight_decay": 0.0, "clamp_norm_factor": 4.0,
+              "context_template_start": WORDS},
 }
 #: Chosen for editkit from causal tracing and a ROME layer sweep on the shipped real facts
 #: (docs/smollm2.md): the early MLP site at the subject's last token; statistics from the
 #: offline Python docs (no hub here); the loss is read at the last of 30 blocks.
 ROME_SMOLLM2: dict[str, Any] = {
     "layer": SMOLLM2_ROME_LAYER, "mom2_dataset": "pydoc", "mom2_max_length": 256,
-    "value": {"loss_layer": 29},
+    "value": {"loss_layer": 29, "context_template_start": WORDS},
 }
 #: MEMIT on SmolLM2: the layers where a ROME sweep edits well, λ from a small sweep
 #: (docs/smollm2.md); MEMIT's reference z optimisation otherwise.
 MEMIT_SMOLLM2: dict[str, Any] = {
     "layers": SMOLLM2_MEMIT_LAYERS, "mom2_update_weight": SMOLLM2_MEMIT_LAMBDA,
-    "mom2_dataset": "pydoc", "mom2_max_length": 256, "value": {"loss_layer": 29},
+    "mom2_dataset": "pydoc", "mom2_max_length": 256,
+    "value": {"loss_layer": 29, "context_template_start": WORDS},
 }
 
 _SWEEPS = "docs/results/factworld.md and the sweeps in docs/methods/"
@@ -81,9 +126,11 @@ def register() -> None:
                fw),
         Preset("alphaedit", FACT_WORLD, {**MEMIT_FACT_WORLD, "l2": 1.0},
                "MEMIT's fact-world values with l2 = 1", fw),
-        Preset("rome", SMOLLM2, ROME_SMOLLM2, "docs/smollm2.md (tracing and a layer sweep)"),
-        Preset("memit", SMOLLM2, MEMIT_SMOLLM2, "docs/smollm2.md (layers and a λ sweep)"),
+        Preset("rome", SMOLLM2, ROME_SMOLLM2, "docs/smollm2.md (tracing and a layer sweep)",
+               is_smollm2_model),
+        Preset("memit", SMOLLM2, MEMIT_SMOLLM2, "docs/smollm2.md (layers and a λ sweep)",
+               is_smollm2_model),
         Preset("alphaedit", SMOLLM2, {**MEMIT_SMOLLM2, "l2": 1.0},
-               "MEMIT's SmolLM2 values with l2 = 1"),
+               "MEMIT's SmolLM2 values with l2 = 1", is_smollm2_model),
     ):
         register_preset(preset)

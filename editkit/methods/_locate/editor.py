@@ -10,6 +10,7 @@ made and can be reproduced from itself.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -79,6 +80,27 @@ class LocateEditor(Editor):
         self._stats_texts = stats_texts
         self._cache_dir = cache_dir
         self._settings: dict[str, Any] | None = None
+        self._record_statistics_source()
+
+    def _record_statistics_source(self) -> None:
+        source = self._statistics_source_name()
+        if source is not None and source != self.hparams.mom2_dataset:
+            # The patch records these hyperparameters: they must name the C actually used,
+            # not the preset's "wikitext" that was never read (settings_metadata carries
+            # the content hash of a given text collection or of the covariances).
+            self.hparams = dataclasses.replace(self.hparams, mom2_dataset=source)
+
+    def _statistics_source_name(self) -> str | None:
+        """What C comes from when the constructor overrides ``mom2_dataset``: the given
+        covariances, a named source or path given as ``stats_texts``, or a text collection
+        (``"stats_texts"``; see ``settings["stats_texts"]``). ``None`` when not overridden."""
+        if self._given["covariances"]:
+            return "covariances"
+        if self._stats_texts is None:
+            return None
+        if isinstance(self._stats_texts, (str, Path)):
+            return str(self._stats_texts)
+        return "stats_texts"
 
     def _cache(self, name: str) -> Path | None:
         return Path(self._cache_dir) / name if self._cache_dir else None
@@ -88,11 +110,13 @@ class LocateEditor(Editor):
             vp = self.hparams.value
             self.context_templates = generate_context_templates(
                 self.model, self.tokenizer, vp.context_template_length_params,
-                seed=vp.context_template_seed, cache_dir=self._cache("context_templates"))
+                seed=vp.context_template_seed, cache_dir=self._cache("context_templates"),
+                start=vp.context_template_start)
             logger.info("%s context templates: %s", self.name, self.context_templates)
 
     def _prepare_statistics(self, layers: Sequence[int]) -> None:
         """C of every layer in ``layers`` (one pass over the texts), unless given."""
+        self._record_statistics_source()  # a subclass may have set covariances since
         hp = self.hparams
         if self.covariances is None:
             from editkit.stats import second_moment

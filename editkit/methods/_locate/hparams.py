@@ -25,6 +25,11 @@ from editkit.hparams import HyperParams
 from editkit.tokens import context_length
 
 FACT_TOKENS = ("subject_last", "last")
+#: How ``num_grad_steps`` is counted (see :class:`ValueHyperParams`).
+STEP_COUNTS = ("updates", "reference")
+#: Where generated context prefixes start: the end-of-text token (the reference) or one of
+#: a few start words (editkit ≤ 0.x's sampler, kept for reproducing older results).
+TEMPLATE_STARTS = ("eos", "words")
 #: The reference's context prefixes: 10 generated prefixes of 5 tokens and 10 of 10 tokens.
 DEFAULT_CONTEXT_LENGTHS: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
 
@@ -103,6 +108,16 @@ class ValueHyperParams(HyperParams):
             (ROME: v₀ is the MLP output; MEMIT: the residual stream h).
         kl_factor: Weight of the essence-drift term ``KL(p(·|"{s} is a") after ‖ before)``.
         early_stop_loss: Stop once the total loss falls below this.
+        count_steps: How ``num_grad_steps`` is counted. ``"updates"``: that many Adam
+            updates of δ, then one more forward pass (no backward) that measures the loss at
+            the returned δ. ``"reference"``: as kmeng01/rome's ``compute_v``, whose loop
+            evaluates the loss ``num_grad_steps`` times but breaks before the last update, so
+            its "20 steps" are 19 Adam updates; δ then equals ``"updates"`` with one step
+            fewer, bit for bit.
+        context_template_start: Where generated prefixes start: ``"eos"`` (the reference:
+            sampled from the end-of-text token, a prefix of ``length`` tokens holds
+            ``length - 1`` generated ones) or ``"words"`` (editkit's former sampler: from
+            one of five start words, which split into several tokens on small vocabularies).
     """
 
     fact_token: str = "subject_last"
@@ -115,6 +130,14 @@ class ValueHyperParams(HyperParams):
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    count_steps: str = "updates"
+    context_template_start: str = "eos"
+
+    @property
+    def num_updates(self) -> int:
+        """Adam updates of δ at most (without early stopping): ``num_grad_steps`` counted
+        as ``count_steps`` says. The loop evaluates the loss ``num_updates + 1`` times."""
+        return self.num_grad_steps - 1 if self.count_steps == "reference" else self.num_grad_steps
 
     def __post_init__(self) -> None:
         # JSON gives lists back; keep the canonical tuple-of-pairs form.
@@ -148,6 +171,13 @@ class ValueHyperParams(HyperParams):
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
             raise InvalidHyperParamsError(
                 f"value.num_grad_steps={steps!r} must be a positive integer")
+        if self.count_steps not in STEP_COUNTS:
+            raise InvalidHyperParamsError(
+                f"value.count_steps={self.count_steps!r}; use one of {STEP_COUNTS}")
+        if self.context_template_start not in TEMPLATE_STARTS:
+            raise InvalidHyperParamsError(
+                f"value.context_template_start={self.context_template_start!r}; use one of "
+                f"{TEMPLATE_STARTS}")
         self.check_positive(lr=self.lr, clamp_norm_factor=self.clamp_norm_factor)
         for name in ("weight_decay", "kl_factor", "early_stop_loss"):
             value = getattr(self, name)

@@ -5,6 +5,13 @@ robust to the context"), and v* is optimised on all of them. The reference gener
 prefixes of 5 tokens and ~10 of 10 tokens by top-k sampling from the model. A template is
 ``"<prefix>. {}"``; the plain prompt ``"{}"`` always comes first.
 
+By default prefixes are sampled as the reference samples them (``start="eos"``): every
+sequence starts at the end-of-text token and ``length`` counts that token, so a prefix holds
+``length - 1`` generated tokens (the reference's ``generate_fast(..., ["<|endoftext|>"],
+max_out_len=length)``), decoded without special tokens. ``start="words"`` is editkit's former
+sampler (from one of :data:`START_WORDS`), kept to reproduce results made with it; on a small
+vocabulary its start words split into several tokens, making prefixes longer (and slower).
+
 Templates are sampled with a fixed seed and cached on disk as JSON keyed by a fingerprint of
 the model's weights, the tokenizer and the sampling settings.
 """
@@ -16,6 +23,7 @@ import json
 import logging
 import os
 import tempfile
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +41,8 @@ logger = logging.getLogger(__name__)
 START_WORDS = ("The", "Therefore", "Because", "I", "You")
 PLAIN = "{}"
 TOP_K = 5
+#: The reference's start string; used when the tokenizer has it as one token.
+END_OF_TEXT = "<|endoftext|>"
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
@@ -55,10 +65,55 @@ def apply_template(template: str, prompt: str) -> str:
     return template.replace(PLAIN, prompt, 1)
 
 
+def start_token_id(tokenizer) -> int | None:
+    """The token the reference starts prefixes from: ``<|endoftext|>`` when the tokenizer
+    has it as a single token (GPT-2, SmolLM2), else its BOS, else its EOS token."""
+    ids = tokenizer.convert_tokens_to_ids([END_OF_TEXT])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if ids and isinstance(ids[0], int) and ids[0] != unk:
+        return ids[0]
+    for tid in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(tid, int):
+            return tid
+    return None
+
+
+@torch.no_grad()
+def sample_prefixes_from_eos(model: nn.Module, tokenizer, length: int, count: int,
+                             generator: torch.Generator) -> list[str]:
+    """``count`` texts of ``length - 1`` tokens sampled top-k after the end-of-text token.
+
+    As the reference: all sequences have the same length (nothing stops early), each step
+    samples among the ``TOP_K`` most likely tokens in proportion to their probability, and
+    special tokens are dropped when decoding; ``"\n\n"`` becomes a space (NFKD-normalised).
+    """
+    start = start_token_id(tokenizer)
+    if start is None:
+        raise InvalidHyperParamsError(
+            "the tokenizer has no end-of-text, BOS or EOS token to start context prefixes "
+            "from; set value.context_template_start='words' or pass context_templates=")
+    device = next(model.parameters()).device
+    ids = torch.full((count, 1), start, dtype=torch.long, device=device)
+    for _ in range(max(length - 1, 0)):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       use_cache=False).logits[:, -1].float().cpu()
+        top = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1)
+        probs = torch.softmax(top.values, dim=-1)
+        picks = top.indices.gather(1, torch.multinomial(probs, 1, generator=generator))
+        ids = torch.cat([ids, picks.to(device)], dim=1)
+    texts = []
+    for row in ids.tolist():
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        text = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+        texts.append(text.replace("{", " ").replace("}", " ").strip())
+    return texts
+
+
 @torch.no_grad()
 def sample_prefixes(model: nn.Module, tokenizer, length: int, count: int,
                     generator: torch.Generator) -> list[str]:
-    """``count`` texts of ``length`` tokens (start word included), top-k sampled."""
+    """``count`` texts of ``length`` tokens (start word included), top-k sampled
+    (``start="words"``, editkit's former sampler)."""
     device = next(model.parameters()).device
     seqs = [encode(tokenizer, START_WORDS[i % len(START_WORDS)]) for i in range(count)]
     done = [False] * count
@@ -119,17 +174,22 @@ def _read_cache(path: Path, settings: dict) -> list[str] | None:
 def generate_context_templates(model: nn.Module, tokenizer,
                                length_params: Sequence[tuple[int, int]], seed: int = 0,
                                cache_dir: str | os.PathLike | None = None,
-                               use_cache: bool = True) -> list[str]:
+                               use_cache: bool = True, start: str = "eos") -> list[str]:
     """``["{}", "<prefix>. {}", ...]`` sampled from ``model`` (cached on disk).
 
     Args:
         length_params: ``(length in tokens, count)`` pairs, e.g. ``((5, 10), (10, 10))``.
         seed: Seed of the sampler; the same model and seed give the same templates.
         cache_dir: Defaults to ``default_cache_dir() / "context_templates"``.
+        start: ``"eos"`` (the reference's sampler) or ``"words"`` (editkit's former one).
     """
+    if start not in ("eos", "words"):
+        raise InvalidHyperParamsError(f"start={start!r}; use 'eos' or 'words'")
+    sampler = sample_prefixes_from_eos if start == "eos" else sample_prefixes
+    starts = ["eos"] if start == "eos" else list(START_WORDS)
     settings = {"lengths": [list(p) for p in length_params], "seed": seed, "top_k": TOP_K,
-                "starts": list(START_WORDS), "tokenizer": tokenizer_fingerprint(tokenizer),
-                "model": weights_fingerprint(model), "format": 1}
+                "starts": starts, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "model": weights_fingerprint(model), "format": 1 if start == "words" else 2}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "context_templates"
     path = root / f"{key}.json"
@@ -143,7 +203,7 @@ def generate_context_templates(model: nn.Module, tokenizer,
         generator = torch.Generator().manual_seed(seed)
         templates = [PLAIN]
         for length, count in length_params:
-            for text in sample_prefixes(model, tokenizer, length, count, generator):
+            for text in sampler(model, tokenizer, length, count, generator):
                 templates.append(f"{text}. {PLAIN}" if text else PLAIN)
     finally:
         model.train(was_training)

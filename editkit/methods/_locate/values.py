@@ -6,7 +6,8 @@
 
 where ``m := v₀ + δ`` adds δ to the output of the edited module (ROME: the MLP value;
 MEMIT: the residual stream) at the subject's last token of every prompt; v₀ is that output
-on the bare prompt. Adam (lr ``lr``) runs ``num_grad_steps`` steps, ``‖δ‖`` is clamped to
+on the bare prompt. Adam (lr ``lr``) runs ``num_updates`` steps (``num_grad_steps`` counted
+as ``count_steps`` says), ``‖δ‖`` is clamped to
 ``clamp_norm_factor · ‖v₀‖`` after each, and it stops early once the loss is below
 ``early_stop_loss`` (all fields of :class:`ValueHyperParams`). The KL term is the paper's
 "essence" drift, KL(edited ‖ original), as in the reference implementation.
@@ -172,9 +173,16 @@ def compute_value(model: nn.Module, tokenizer, adapter, hparams: Any,
         max_norm = hp.clamp_norm_factor * v0_norm
         kl_init: torch.Tensor | None = None
         result = ValueResult(v_star=v0, v0=v0, delta=delta.detach())
-        for step in range(hp.num_grad_steps):
+        # num_updates Adam updates, each after a loss evaluation, and one last evaluation at
+        # the final δ (no backward): so result.nll[-1] is the NLL of the returned v*, not of
+        # the δ one update before it. With count_steps="reference" this is exactly the
+        # reference's loop (num_grad_steps evaluations, one update fewer).
+        n_updates = hp.num_updates
+        for step in range(n_updates + 1):
+            final = step == n_updates
             opt.zero_grad(set_to_none=True)
-            with Trace(model, [edited], edit_output=add_delta, detach=False):
+            with torch.set_grad_enabled(not final), \
+                    Trace(model, [edited], edit_output=add_delta, detach=False):
                 logits = logits_at()
             logp = torch.log_softmax(logits.float(), dim=-1)
             n_t = rows.target_ids.shape[0]
@@ -192,7 +200,7 @@ def compute_value(model: nn.Module, tokenizer, adapter, hparams: Any,
             logger.debug("v* step %d: loss %.4f (nll %.4f, kl %.4f, decay %.4f)", step,
                          loss_value, float(nll.detach()), float(kl.detach()),
                          float(decay.detach()))
-            if loss_value < hp.early_stop_loss:
+            if loss_value < hp.early_stop_loss or final:
                 break
             loss.backward()
             opt.step()
