@@ -7,7 +7,7 @@ sequential ROME on the same records (the MEMIT paper's scaling figure, Meng et a
 Requests: the fact world has 100 eval subjects × 6 relations = 600 CounterFact-shaped records
 the model knows. A batch of n ≤ 600 edits takes the first n of a fixed shuffle of them; a
 larger batch adds requests on *invented* subjects from further worlds
-(``FactWorld(seed=s, n_subjects=2000)``, s = 1, 2, ..., subjects of the base world and repeated
+(``FactWorld(seed=s, n_subjects=400)``, s = 1, 2, ..., subjects of the base world and repeated
 (subject, prompt) pairs skipped): they cost MEMIT the same as real ones (a z, a key per
 layer), but the model never learnt them, so quality is measured only on real records.
 
@@ -85,7 +85,7 @@ def requests_for(n: int):
     known = set(base.subjects)
     seed = 1
     while len(requests) < n:
-        for rec in FactWorld(seed=seed, n_subjects=2000).records(n=None):
+        for rec in FactWorld(seed=seed, n_subjects=400).records(n=None):
             req = EditRequest.from_counterfact(rec)
             if req.subject in known or (req.subject, req.prompt) in seen:
                 continue
