@@ -132,8 +132,9 @@ def plot(rows: list[dict], path: Path) -> None:
         if not rs:
             continue
         ns = [r["n"] for r in rs]
-        for key in ("ES", "PS", "NS"):
-            axes[0].plot(ns, [r[key] for r in rs], style, label=f"{method.upper()} {key}")
+        for key, color in (("ES", "tab:blue"), ("PS", "tab:orange"), ("NS", "tab:green")):
+            axes[0].plot(ns, [r[key] for r in rs], style, color=color,
+                         label=f"{method.upper()} {key}")
         axes[1].plot(ns, [r["seconds"] for r in rs], style, label=method.upper())
         axes[2].plot(ns, [max(r["peak_added_mib"], 0.1) for r in rs], style,
                      label=method.upper())
@@ -158,8 +159,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="docs/results/memit_scale")
     ap.add_argument("--resume", action="store_true", help="keep rows already in OUT.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT.png from OUT.json")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.plot_only:
+        plot(json.loads(out.with_suffix(".json").read_text())["rows"], out.with_suffix(".png"))
+        return
     rows: list[dict] = []
     if args.resume and out.with_suffix(".json").exists():
         rows = json.loads(out.with_suffix(".json").read_text())["rows"]
