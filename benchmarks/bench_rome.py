@@ -235,7 +235,7 @@ def main() -> None:
                         "fact_world", args.stats_texts, cache, args.skip_stats)
 
         if args.smollm2:
-            from editkit.testbed import load_smollm2
+            from editkit.testbed.smollm2 import load_smollm2
 
             model, tok = load_smollm2()
             hp = ROMEHyperParams.for_model(model, editkit.get_adapter(model))
