@@ -1,6 +1,8 @@
-"""MEMIT cost: seconds per edit by batch size, peak memory 10 vs 400 edits, one-pass stats.
+"""MEMIT cost: seconds per edit by batch size, peak memory 10 vs 400 edits, one-pass stats,
+and batched vs one-by-one z.
 
     python benchmarks/bench_memit.py [--sizes 1 10 100 400] [--threads 2]
+    python benchmarks/bench_memit.py --z-only 64 [--threads 1]
 
 Each batch size runs in a fresh subprocess on the offline fact world so its peak RSS
 (``ru_maxrss``) is its own; the memory added by an edit of n requests is reported as the
@@ -66,11 +68,50 @@ def stats_one_pass_vs_per_layer(threads: int) -> dict[str, float]:
     return {"one_pass_s": one, "five_passes_s": five, "ratio": five / one, "equal": same}
 
 
+def z_batched_vs_sequential(threads: int, n: int, sizes: list[int]) -> None:
+    """Seconds of MEMIT's z for ``n`` fact-world requests, optimised ``size`` at a time
+    (1 = one after another), interleaved in this process; max |Δz| against size 1."""
+    import statistics
+
+    import torch
+
+    from editkit import EditRequest
+    from editkit.methods.memit import MEMIT
+    from editkit.testbed import FactWorld, load_fact_world
+
+    torch.set_num_threads(threads)
+    model, tok = load_fact_world()
+    reqs = [EditRequest.from_counterfact(r) for r in FactWorld().records(n=n, seed=2)]
+    editor = MEMIT(model, tok).prepare()
+    times: dict[int, list[float]] = {s: [] for s in sizes}
+    z: dict[int, torch.Tensor] = {}
+    for _ in range(2):  # two rounds, interleaved
+        for size in sizes:
+            editor.z_batch_size = size
+            t = time.perf_counter()
+            z[size] = torch.stack(editor.targets(reqs))
+            times[size].append(time.perf_counter() - t)
+    base = min(times[sizes[0]])
+    for size in sizes:
+        best = min(times[size])
+        diff = float((z[size] - z[sizes[0]]).norm(dim=1).max() / z[sizes[0]].norm(dim=1).min())
+        print(f"z of {n} requests, {size:3d} per batch: {best:6.2f} s ({best / n:.3f} s/edit), "
+              f"x{best / base:.2f} of {sizes[0]} per batch; max rel. |Δz| {diff:.1e}",
+              flush=True)
+    print("(median of 2 rounds instead of best: "
+          + ", ".join(f"{s}: {statistics.median(times[s]):.2f}s" for s in sizes) + ")")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100, 400])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--z-only", type=int, default=0, metavar="N",
+                        help="only time z of N requests batched vs one by one")
     args = parser.parse_args()
+    if args.z_only:
+        z_batched_vs_sequential(args.threads, args.z_only, [1, 4, 16, 64])
+        return
     rows = []
     for n in args.sizes:
         out = subprocess.run([sys.executable, "-c", CHILD, str(n), str(args.threads)],

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from editkit.errors import ReplayMismatchError, UnsupportedModelError
+from editkit.models import compat
 from editkit.models.compat import map_leaves
 from editkit.nethooks import HookSet
 
@@ -110,6 +111,10 @@ def check_replay(replayed: torch.Tensor, full: torch.Tensor, family: str, what: 
         )
 
 
+class PrefixUnavailable(Exception):
+    """This model's key/value cache cannot be driven to replay a suffix (internal signal)."""
+
+
 class BlockReplay:
     """Re-run blocks ``start..stop`` (and the head) of ``model`` on a fixed batch.
 
@@ -119,40 +124,82 @@ class BlockReplay:
     hidden state, so hooks inside them (e.g. an edit of an MLP output) take effect while the
     lower layers are never re-run; calling the object applies the adapter's head.
 
+    ``prefix`` (> 0): the first ``prefix`` tokens of every row are never changed by the
+    caller's hooks (ROME's δ sits at the subject's last token, at or after them), so their
+    keys and values at every block are fixed. They are read once from the model's own
+    key/value cache, and the replay runs only tokens ``prefix..`` with those keys/values given
+    to each block through :func:`editkit.models.compat.prefix_cache` (the mechanism of the
+    fast tracer). Positions passed to :meth:`__call__` are then *suffix* columns (column −
+    ``prefix``). Rows must not be padded inside the prefix (right padding is fine). A model
+    whose cache cannot be driven this way raises :class:`PrefixUnavailable`.
+
     ``verify`` (default on) checks once, with no hooks of the caller active, that replaying
     blocks ``start..`` to the last block and applying the head gives the model's own logits
-    at ``check_at`` (``(rows, cols)``; default every position): see :meth:`verify`. A caller
-    that constructs the replay inside its own hooks passes ``verify=False`` and calls
-    :meth:`verify` once they are gone.
+    at ``check_at`` (``(rows, cols)`` in full-prompt columns; default every position): see
+    :meth:`verify`. A caller that constructs the replay inside its own hooks passes
+    ``verify=False`` and calls :meth:`verify` once they are gone. :attr:`reference` keeps the
+    model's own logits at ``check_at`` (computed by the construction pass, no gradient).
     """
 
     def __init__(self, model: nn.Module, adapter: Any, start: int, stop: int,
                  inputs: dict[str, torch.Tensor], *, check_at: Positions | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, prefix: int = 0) -> None:
         self.model, self.adapter, self.start, self.stop = model, adapter, start, stop
+        self.prefix = prefix
         self.blocks = adapter.blocks(model)
         last = len(self.blocks) - 1
+        cache_arg = compat.cache_argument(model) if prefix else None
+        if prefix and cache_arg is None:
+            raise PrefixUnavailable("the model's forward takes no key/value cache")
         with torch.no_grad(), BlockCalls(self.blocks, range(start, last + 1)) as rec:
-            logits = model(**inputs, use_cache=False).logits
+            out = model(**inputs, use_cache=bool(prefix))
+        logits = out.logits
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if prefix:
+            ids = inputs["input_ids"]
+            kv = compat.cache_tensors(out, len(self.blocks), ids.shape[1])
+            if kv is None:
+                raise PrefixUnavailable("the model's key/value cache could not be read")
+            kv = [(k.narrow(-2, 0, prefix), v.narrow(-2, 0, prefix)) for k, v in kv]
+            suffix = {"input_ids": ids[:, prefix:], "use_cache": True,
+                      cache_arg: compat.filled_cache(kv)}
+            if inputs.get("attention_mask") is not None:  # prefix + suffix columns
+                suffix["attention_mask"] = inputs["attention_mask"]
+            try:
+                with torch.no_grad(), BlockCalls(self.blocks, range(start, last + 1)) as rec:
+                    model(**suffix)
+            except Exception as exc:  # a family whose cache we cannot drive
+                raise PrefixUnavailable(str(exc)) from exc
+            self.kv = [(k.detach(), v.detach()) for k, v in kv]
         self.calls = dict(zip(rec.layers, rec.result(), strict=True))
         self.hidden = adapter.block_input(self.calls[start]).detach()
         self._check_at = check_at
-        self._expected: torch.Tensor | None = (
+        self.reference: torch.Tensor = (
             logits[check_at] if check_at is not None else logits).detach()
+        self._expected: torch.Tensor | None = self.reference
         if verify:
             self.verify()
 
+    def _call(self, i: int) -> Call:
+        """Block ``i``'s recorded call; with a prefix, a fresh cache holding its keys/values."""
+        if not self.prefix:
+            return self.calls[i]
+        k, v = self.kv[i]
+        return compat.swap_cache(self.calls[i], compat.prefix_cache(k, v))
+
     def hidden_out(self, stop: int | None = None) -> torch.Tensor:
-        """Output hidden state of block ``stop`` (default ``self.stop``), recomputed."""
+        """Output hidden state of block ``stop`` (default ``self.stop``), recomputed (tokens
+        ``prefix..`` only)."""
         stop = self.stop if stop is None else stop
         h = self.hidden
         for i in range(self.start, stop + 1):
-            h = self.adapter.call_block(self.blocks[i], h, self.calls[i])
+            h = self.adapter.call_block(self.blocks[i], h, self._call(i))
         return h
 
     def __call__(self, positions: Positions | None = None) -> torch.Tensor:
         """Logits (the adapter's head on block ``stop``'s output), at ``positions``
-        ``(rows, cols)`` only if given (then shape (n, vocab)), else (batch, seq, vocab)."""
+        ``(rows, cols)`` only if given (then shape (n, vocab); cols counted from ``prefix``),
+        else (batch, seq − prefix, vocab)."""
         return self.adapter.head(self.model, self.hidden_out(), positions)
 
     def verify(self) -> None:
@@ -161,8 +208,16 @@ class BlockReplay:
         if self._expected is None:
             return
         with torch.no_grad():
-            got = self.adapter.head(self.model, self.hidden_out(len(self.blocks) - 1),
-                                    self._check_at)
-        check_replay(got, self._expected, self.adapter.name,
-                     f"blocks {self.start}..{len(self.blocks) - 1} and the head")
+            hidden = self.hidden_out(len(self.blocks) - 1)
+            if self._check_at is None:
+                got = self.adapter.head(self.model, hidden)
+                expected = self._expected[:, self.prefix:]
+            else:
+                rows, cols = self._check_at
+                got = self.adapter.head(self.model, hidden, (rows, cols - self.prefix))
+                expected = self._expected
+        what = f"blocks {self.start}..{len(self.blocks) - 1} and the head"
+        if self.prefix:
+            what += f", tokens after a cached prefix of {self.prefix}"
+        check_replay(got, expected, self.adapter.name, what)
         self._expected = None

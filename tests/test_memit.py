@@ -221,3 +221,34 @@ def test_patch_records_the_constructor_settings(gpt2_and_tok):
     other = MEMIT(model, tok, hp, context_templates=["Hello. {}"], stats_texts=texts[:-1])
     assert other.compute_update(REQS[:1]).metadata["settings"]["stats_texts"]["sha256"] != \
         settings["stats_texts"]["sha256"]
+
+
+# ------------------------------------------------------------------ batched z
+def test_batched_z_equals_one_request_at_a_time(gpt2_and_tok):
+    """MEMIT's z of a batch optimised together equal the per-request ones, and so does the
+    patch (z_batch_size=1 is the sequential path)."""
+    model, tok = gpt2_and_tok
+    together = _memit(model, tok, layers=[0, 1])
+    assert together.z_batch_size >= len(REQS)
+    patch = together.compute_update(REQS)
+    one_by_one = _memit(model, tok, layers=[0, 1])
+    one_by_one.z_batch_size = 1
+    reference = one_by_one.compute_update(REQS)
+    torch.testing.assert_close(together.last_targets, one_by_one.last_targets,
+                               rtol=1e-4, atol=1e-4)
+    for name, delta in patch.deltas.items():
+        torch.testing.assert_close(delta.materialize(), reference.deltas[name].materialize(),
+                                   rtol=1e-3, atol=1e-5)
+    # chunks of two: the same targets again
+    two = _memit(model, tok, layers=[0, 1])
+    two.z_batch_size = 2
+    two.compute_update(REQS)
+    torch.testing.assert_close(two.last_targets, one_by_one.last_targets, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [0, -1, 1.5, True])
+def test_bad_z_batch_size_is_refused(gpt2_and_tok, size):
+    model, tok = gpt2_and_tok
+    hp = _memit(model, tok).hparams
+    with pytest.raises(InvalidHyperParamsError, match="z_batch_size"):
+        MEMIT(model, tok, hp, z_batch_size=size)

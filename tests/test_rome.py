@@ -23,6 +23,7 @@ from editkit.methods.rome import (
     ROMEHyperParams,
     UpperLayers,
     ValueHyperParams,
+    ValueShortcuts,
     compute_value,
     generate_context_templates,
     left_vector,
@@ -151,15 +152,19 @@ def test_fast_path_never_reruns_lower_layers(bytelevel_tokenizer):
     handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, b in enumerate(blocks)]
     try:
+        # whole rows (prefix reuse adds one cached-suffix capture pass per row group:
+        # tests/test_values.py counts that case)
         res = compute_value(model, bytelevel_tokenizer, editkit.get_adapter(model), hp,
-                            REQUEST, TEMPLATES)
+                            REQUEST, TEMPLATES,
+                            shortcuts=ValueShortcuts(reuse_prefix=False))
     finally:
         for h in handles:
             h.remove()
-    # one capture pass (which also reads v₀), then only the upper blocks: once for the replay's
-    # self-check against the full forward, then at every step
+    # one capture pass, then only the upper blocks: once for the replay's self-check against
+    # the full forward, once up to the edited block to read v₀, then at every step
     assert calls[0] == calls[1] == 1
-    assert calls[2] == calls[3] == calls[4] == 2 + len(res.losses)
+    assert calls[2] == 3 + len(res.losses)
+    assert calls[3] == calls[4] == 2 + len(res.losses)
 
 
 # ------------------------------------------------------ k*, v* on every family

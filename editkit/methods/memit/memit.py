@@ -3,7 +3,10 @@
 For a batch of requests i with subjects sᵢ:
 
 1. Target residuals (paper §4.3, eq. 16): zᵢ = hᴸᵢ + δᵢ at the output of the last edit layer
-   L, with δᵢ optimised exactly like ROME's v* (``compute_value`` with ``slot="block"``).
+   L, with δᵢ optimised exactly like ROME's v* (``compute_values`` with ``slot="block"``).
+   The δᵢ are independent, so up to ``z_batch_size`` requests are optimised together (one
+   batched forward per step, each request with its own loss, clamp and early stop; equal to
+   one after another, ``tests/test_values.py``); ``z_batch_size=1`` runs them one by one.
 2. For each edit layer l ∈ R, low to high (§4.3, Alg. 1):
    - kᵢˡ: the MLP key at layer l and the subject's last token, averaged over context
      prefixes (computed on the model already updated at the layers below l);
@@ -32,11 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from editkit.errors import InvalidRequestError, StatsError
+from editkit.errors import InvalidHyperParamsError, InvalidRequestError, StatsError
 from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import fact_token_index, keys_at
 from editkit.methods._locate.templates import apply_template
-from editkit.methods._locate.values import compute_value
+from editkit.methods._locate.values import ValueShortcuts, compute_values
 from editkit.methods.memit.hparams import MEMITHyperParams
 from editkit.nethooks import Trace
 from editkit.patch import Dense, LowRank, Patch
@@ -112,8 +115,13 @@ class MEMIT(LocateEditor):
 
     Extra keyword arguments (see ``LocateEditor``): ``context_templates``, ``covariances``
     (dict layer → C), ``stats_texts``, ``cache_dir``; patches record them under
-    ``metadata["settings"]``.
+    ``metadata["settings"]``. ``z_batch_size``: requests whose z is optimised together
+    (memory grows with it: each brings ~20 prompt rows; 1 = one after another);
+    ``value_shortcuts``: the z loop's speed-ups (:class:`ValueShortcuts`).
     """
+
+    #: Default number of requests whose z are optimised in one batch.
+    z_batch_size: int = 16
 
     name = "memit"
     hparams_class = MEMITHyperParams
@@ -122,9 +130,17 @@ class MEMIT(LocateEditor):
     def __init__(self, model: nn.Module, tokenizer=None, hparams: MEMITHyperParams | None = None,
                  adapter=None, *, context_templates: Sequence[str] | None = None,
                  covariances: dict[int, torch.Tensor] | None = None, stats_texts: Any = None,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, z_batch_size: int | None = None) -> None:
         super().__init__(model, tokenizer, hparams, adapter, context_templates=context_templates,
                          covariances=covariances, stats_texts=stats_texts, cache_dir=cache_dir)
+        if z_batch_size is not None:
+            if not isinstance(z_batch_size, int) or isinstance(z_batch_size, bool) \
+                    or z_batch_size < 1:
+                raise InvalidHyperParamsError(
+                    f"z_batch_size={z_batch_size!r} must be a positive integer (1 optimises "
+                    "the requests' z one after another)")
+            self.z_batch_size = z_batch_size
+        self.value_shortcuts = ValueShortcuts()
         self.last_timings: dict[str, float] = {}
         self.last_targets: torch.Tensor | None = None  # z of the last batch, (n, d)
 
@@ -178,16 +194,24 @@ class MEMIT(LocateEditor):
             self.model(**batch.model_inputs(), use_cache=False)
         return tr.outputs[name][torch.arange(len(requests)), idx].float()
 
+    def targets(self, requests: Sequence[EditRequest]) -> list[torch.Tensor]:
+        """zᵢ of each request (eq. 16), ``z_batch_size`` requests per optimisation."""
+        hp, size = self.hparams, max(1, int(self.z_batch_size))
+        out: list[torch.Tensor] = []
+        for i in range(0, len(requests), size):
+            out += [res.v_star for res in compute_values(
+                self.model, self.tokenizer, self.adapter, hp.value, requests[i:i + size],
+                self.context_templates, layer=hp.layers[-1], slot="block",
+                shortcuts=self.value_shortcuts)]
+        return out
+
     def compute_update(self, requests: EditRequest | Sequence[EditRequest]) -> Patch:
         items = as_request_list(requests)
         check_no_conflicts(items)
         self.prepare()
         hp = self.hparams
         t0 = time.perf_counter()
-        z = torch.stack([
-            compute_value(self.model, self.tokenizer, self.adapter, hp.value, r,
-                          self.context_templates, layer=hp.layers[-1], slot="block").v_star
-            for r in items])
+        z = torch.stack(self.targets(items))
         t_z = time.perf_counter() - t0
         self.last_targets = z.detach()
         names = self.edited_parameters()

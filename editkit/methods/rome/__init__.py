@@ -13,7 +13,13 @@ v* found by optimising δ on the MLP output (eq. 4). This package is ROME itself
 from editkit.methods._locate.hparams import ValueHyperParams
 from editkit.methods._locate.keys import KeyResult, compute_key, keys_at
 from editkit.methods._locate.templates import generate_context_templates
-from editkit.methods._locate.values import UpperLayers, ValueResult, compute_value
+from editkit.methods._locate.values import (
+    UpperLayers,
+    ValueResult,
+    ValueShortcuts,
+    compute_value,
+    compute_values,
+)
 from editkit.methods.rome import presets as _presets  # noqa: F401 - registers the presets
 from editkit.methods.rome.hparams import ROMEHyperParams
 from editkit.methods.rome.rome import (
@@ -34,6 +40,8 @@ __all__ = [
     "ValueResult",
     "compute_key",
     "compute_value",
+    "compute_values",
+    "ValueShortcuts",
     "ValueHyperParams",
     "generate_context_templates",
     "keys_at",

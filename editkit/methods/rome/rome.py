@@ -23,7 +23,7 @@ from torch import nn
 from editkit.errors import EditFailedError, InvalidRequestError, StatsError
 from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import KeyResult, compute_key
-from editkit.methods._locate.values import ValueResult, compute_value
+from editkit.methods._locate.values import ValueResult, ValueShortcuts, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams
 from editkit.patch import Patch
 from editkit.requests import EditRequest, as_request_list
@@ -134,6 +134,8 @@ class ROME(LocateEditor):
             self._given["covariances"] = True
         self._solver: KeySolver | None = None
         self._skip_lower_layers = True  # False: the naive v* loop (benchmarks only)
+        #: The v* loop's speed-ups (each switchable for debugging and benchmarks).
+        self.value_shortcuts = ValueShortcuts()
         self.prepare_timings: dict[str, float] = {}
         self.last_step: ROMEStep | None = None
 
@@ -182,7 +184,8 @@ class ROME(LocateEditor):
         t = time.perf_counter()
         value = compute_value(self.model, self.tokenizer, self.adapter, hp.value, request,
                               self.context_templates, layer=hp.layer,
-                              skip_lower_layers=self._skip_lower_layers)
+                              skip_lower_layers=self._skip_lower_layers,
+                              shortcuts=self.value_shortcuts)
         timings["v_star"] = time.perf_counter() - t
         t = time.perf_counter()
         # Eq. 2: u = C⁻¹k*, Ŵ = W + (v* − Wk)uᵀ/(uᵀk), k = k* (r-ROME) or the bare prompt's.
