@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
           f"{req.text!r} → {req.target_new!r} ...", flush=True)
     t0 = time.perf_counter()
     editor.apply(req)
-    edit = editor.history[-1]
+    edit = editor.last_edit
     print(f"  done in {time.perf_counter() - t0:.1f}s; patch touches "
           f"{list(edit.patch.deltas)} (edit id {edit.id})")
     show("\nAfter the edit:")
