@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from editkit.errors import EditkitError
 
-__all__ = ["gather_in_order", "join_torchrun", "rank_and_world", "shard_indices"]
+__all__ = ["gather_in_order", "join_torchrun", "rank_and_world", "shard_indices",
+           "torchrun_group"]
 
 
 def rank_and_world(group: Any = None) -> tuple[int, int]:
@@ -97,6 +98,18 @@ def leave(created: bool) -> None:
     if created:
         torch.distributed.barrier()  # no rank tears the group down while another talks
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def torchrun_group(device: str) -> Iterator[str]:
+    """``with torchrun_group(device) as device:`` — inside torchrun (``WORLD_SIZE`` > 1) the
+    block runs in the joined process group on this rank's device, and the group is torn down
+    afterwards; elsewhere ``device`` is returned as it is."""
+    created, device = join_torchrun(device)
+    try:
+        yield device
+    finally:
+        leave(created)
 
 
 def default_group() -> Any:

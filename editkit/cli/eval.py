@@ -31,7 +31,7 @@ from editkit.cli.common import (
     load_model,
     read_json_option,
 )
-from editkit.distributed import default_group, join_torchrun, leave, rank_and_world
+from editkit.distributed import default_group, rank_and_world, torchrun_group
 from editkit.errors import EditkitError
 from editkit.eval.datasets import load_dataset
 from editkit.eval.generation import GenerationConfig
@@ -131,11 +131,8 @@ def run(args: argparse.Namespace) -> int:
         raise OptionError("--protocol sequential cannot be sharded over processes (every edit "
                           "builds on all earlier ones); run it without torchrun, or use "
                           "--protocol independent or batch")
-    created, args.device = join_torchrun(args.device)
-    try:
+    with torchrun_group(args.device) as args.device:
         return _run(args)
-    finally:
-        leave(created)
 
 
 def _run(args: argparse.Namespace) -> int:

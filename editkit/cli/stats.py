@@ -40,7 +40,7 @@ from editkit.cli.common import (
     is_fact_world,
     load_model,
 )
-from editkit.distributed import join_torchrun, leave
+from editkit.distributed import join_torchrun, torchrun_group
 from editkit.registry import TEXT_SOURCES, get_adapter
 from editkit.stats import (
     STATS_CARD,
@@ -90,11 +90,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``editkit stats``; prints one line per layer. Returns the exit status."""
     check_device(args.device)
     check_model(args.model)
-    created, device = _join_torchrun(args.device)
-    try:
+    with torchrun_group(args.device) as device:
         return _run(args, device)
-    finally:
-        leave(created)
 
 
 def _layers(spec: list[str]) -> list[int] | None:

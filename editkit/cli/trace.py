@@ -42,10 +42,9 @@ from editkit.cli.common import (
 from editkit.distributed import (
     default_group,
     gather_in_order,
-    join_torchrun,
-    leave,
     rank_and_world,
     shard_indices,
+    torchrun_group,
 )
 from editkit.errors import DatasetFormatError, InvalidRequestError
 from editkit.testbed import FactWorld
@@ -211,11 +210,8 @@ def run(args: argparse.Namespace) -> int:
     every process traces every ``world``-th record, and rank 0 gathers them (in record order)
     and writes the outputs."""
     check_common(args)
-    created, args.device = join_torchrun(args.device)
-    try:
+    with torchrun_group(args.device) as args.device:
         return _run(args)
-    finally:
-        leave(created)
 
 
 def _run(args: argparse.Namespace) -> int:
