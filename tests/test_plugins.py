@@ -30,17 +30,17 @@ SCRIPT = textwrap.dedent(
     # The plugin's attempt to take the built-in name "ft" is refused with a warning.
     assert editkit.get_method("ft").__module__.startswith("editkit.methods"), "built-in replaced"
     assert any("already registered" in str(w.message) for w in caught), [str(w.message) for w in caught]
-    assert "opt" in editkit.list_adapters()
+    assert "codegen" in editkit.list_adapters()
 
     import sys
     sys.path.insert(0, sys.argv[1])
     from conftest import _fast_tokenizer
     tok = _fast_tokenizer("bytelevel")
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(T.OPTConfig(
-        num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
-        vocab_size=len(tok), word_embed_proj_dim=32, init_std=0.2)).eval()
-    assert editkit.get_adapter(model).name == "opt"
+    model = T.AutoModelForCausalLM.from_config(T.CodeGenConfig(
+        n_layer=2, n_embd=32, n_head=4, rotary_dim=4, n_positions=64, vocab_size=len(tok),
+        bos_token_id=0, eos_token_id=0, initializer_range=0.2)).eval()
+    assert editkit.get_adapter(model).name == "codegen"  # the plugin's adapter, not built in
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     req = EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome")
     Method = editkit.get_method("rank1_ft")
@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent(
     assert after > before + 1.0, (before, after)
     patch = editor.history[-1].patch
     (name,) = patch.deltas
-    assert name == "model.decoder.layers.1.fc2.weight" and patch.deltas[name].rank == 1
+    assert name == "transformer.h.1.mlp.fc_out.weight" and patch.deltas[name].rank == 1
     editor.revert()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
     # The plugin's statistics text source is found by name, with no import of the plugin.

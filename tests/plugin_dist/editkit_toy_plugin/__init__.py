@@ -1,4 +1,4 @@
-"""A third-party plugin: an OPT adapter and a rank-one fine-tuning method.
+"""A third-party plugin: a CodeGen adapter and a rank-one fine-tuning method.
 
 Nothing here touches editkit's own files; both reach editkit through entry points.
 """
@@ -13,17 +13,17 @@ from editkit import Editor, HyperParams, ModelAdapter
 from editkit.requests import as_request_list
 from editkit.tokens import target_nll
 
-# OPT keeps fc1/fc2 directly in the decoder layer; fc2's output is the MLP's contribution.
-OPT_ADAPTER = ModelAdapter(
-    name="opt",
-    layers="model.decoder.layers",
-    mlp="fc2",
-    mlp_in="fc1",
-    mlp_out="fc2",
-    attn="self_attn",
-    attn_out="self_attn.out_proj",
-    embedding="model.decoder.embed_tokens",
-    final_norm="model.decoder.final_layer_norm",
+# CodeGen (not built into editkit): GPT-J-like blocks with a fused QKV projection.
+CODEGEN_ADAPTER = ModelAdapter(
+    name="codegen",
+    layers="transformer.h",
+    mlp="mlp",
+    mlp_in="mlp.fc_in",
+    mlp_out="mlp.fc_out",
+    attn="attn",
+    attn_out="attn.out_proj",
+    embedding="transformer.wte",
+    final_norm="transformer.ln_f",
     lm_head="lm_head",
 )
 
