@@ -49,6 +49,8 @@ def iter_jsonl(path: str | Path, *, hint: str = "") -> Iterator[Any]:
                     "a .jsonl file holds one JSON value per line"
                     + (f"; {hint}" if hint else "")
                 ) from exc
+            except RecursionError as exc:
+                raise DatasetFormatError(_too_deep(path, line_no, hint)) from exc
 
 
 def read_json(path: str | Path, *, hint: str = "") -> Any:
@@ -62,6 +64,13 @@ def read_json(path: str | Path, *, hint: str = "") -> Any:
             f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
             + (f"; {hint}" if hint else "")
         ) from exc
+    except RecursionError as exc:
+        raise DatasetFormatError(_too_deep(path, 1, hint)) from exc
+
+
+def _too_deep(path: Path, line_no: int, hint: str) -> str:
+    return (f"{path}:{line_no}: the JSON is nested too deeply to read (Python's recursion "
+            "limit); it is not a record file" + (f"; {hint}" if hint else ""))
 
 
 def read_json_records(path: str | Path, *, hint: str = "") -> list[Any]:

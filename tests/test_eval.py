@@ -304,6 +304,13 @@ def test_jsonl_reader_errors_are_typed_and_line_numbered(tmp_path):
     idf.write_text('{"paris": 1.0,\n "city" 2.0}')
     with pytest.raises(DatasetFormatError, match=r"idf\.json:2: invalid JSON"):
         ReferenceTable.from_files(idf, doc)
+    deep = "[" * 100_000 + "]" * 100_000              # beyond Python's recursion limit
+    path.write_text(f"{good}\n{deep}\n")
+    with pytest.raises(DatasetFormatError, match=r"r\.jsonl:2: the JSON is nested too deeply"):
+        read_json_records(path)
+    doc.write_text(deep)
+    with pytest.raises(DatasetFormatError, match=r"r\.json:1: the JSON is nested too deeply"):
+        read_json_records(doc)
 
 
 def test_load_requests_reads_records_and_request_dicts(tmp_path):
