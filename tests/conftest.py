@@ -100,3 +100,18 @@ def state_equal(model, reference: dict) -> bool:
 
 def snapshot(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def replayed_logits(model, adapter, ids):
+    """Embed, every block through ``adapter.call_block`` with the recorded arguments, head."""
+    from editkit.replay import BlockCalls
+
+    blocks = adapter.blocks(model)
+    with torch.no_grad(), BlockCalls(blocks) as rec:
+        full = model(ids, use_cache=False).logits
+    calls = rec.result()
+    with torch.no_grad():
+        h = adapter.block_input(calls[0])
+        for block, call in zip(blocks, calls, strict=True):
+            h = adapter.call_block(block, h, call)
+        return adapter.head(model, h), full, calls

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import replayed_logits
 
 import editkit
 from editkit import Patch, UnsupportedModelError, get_adapter
@@ -99,26 +100,11 @@ def test_builtin_families_registered():
 
 
 # ------------------------------------------------------ behaviour: head, block call, embedding
-def _replayed_logits(model, adapter, ids):
-    """Embed, every block through ``adapter.call_block`` with the recorded arguments, head."""
-    from editkit.replay import BlockCalls
-
-    blocks = adapter.blocks(model)
-    with torch.no_grad(), BlockCalls(blocks) as rec:
-        full = model(ids, use_cache=False).logits
-    calls = rec.result()
-    with torch.no_grad():
-        h = adapter.block_input(calls[0])
-        for block, call in zip(blocks, calls, strict=True):
-            h = adapter.call_block(block, h, call)
-        return adapter.head(model, h), full, calls
-
-
 def test_block_calls_and_head_reproduce_the_forward(family_model):
     fam, model, tok = family_model
     adapter = get_adapter(model)
     ids = _inputs(tok)
-    replayed, full, calls = _replayed_logits(model, adapter, ids)
+    replayed, full, calls = replayed_logits(model, adapter, ids)
     torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-5)
     rows, cols = torch.tensor([0, 0]), torch.tensor([1, ids.shape[1] - 1])
     with torch.no_grad():  # at chosen positions only
@@ -183,10 +169,10 @@ def test_gemma2_adapter_declares_the_soft_cap_and_the_embedding_scale(gemma2):
 
     model, tok = gemma2
     ids = _inputs(tok)
-    replayed, full, calls = _replayed_logits(model, ADAPTER, ids)
+    replayed, full, calls = replayed_logits(model, ADAPTER, ids)
     torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-5)
     assert float(full.abs().max()) < SOFTCAP  # the cap is in force
-    plain, _, _ = _replayed_logits(model, _uncapped(), ids)
+    plain, _, _ = replayed_logits(model, _uncapped(), ids)
     assert float((plain - full).abs().max()) > 0.05  # and it matters: the test has teeth
     # embeddings: √d times the rows, as block 0 receives them
     scale = ADAPTER.embedding_scale(model)

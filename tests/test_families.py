@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from conftest import replayed_logits
 
 import editkit
 from editkit.nethooks import Trace
@@ -160,25 +161,19 @@ def test_slots_resolve_and_kv_view_maps_keys_to_values(family):
 
 # --------------------------------------------------- behaviour: head, block call, embedding
 def test_block_calls_and_head_reproduce_the_forward(family):
-    from editkit.replay import BlockCalls, BlockReplay
+    from editkit.replay import BlockReplay
 
     variant, model, tok, adapter = family
     ids = _ids(tok)
-    blocks = adapter.blocks(model)
-    with torch.no_grad(), BlockCalls(blocks) as rec:
-        full = model(ids, use_cache=False).logits
-    calls = rec.result()
+    replayed, full, calls = replayed_logits(model, adapter, ids)
+    torch.testing.assert_close(replayed, full, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        h = adapter.block_input(calls[0])
-        for block, call in zip(blocks, calls, strict=True):
-            h = adapter.call_block(block, h, call)
-        torch.testing.assert_close(adapter.head(model, h), full, rtol=1e-5, atol=1e-5)
-        rows, cols = torch.tensor([0, 0]), torch.tensor([1, ids.shape[1] - 1])
-        torch.testing.assert_close(adapter.head(model, h, (rows, cols)), full[rows, cols],
-                                   rtol=1e-5, atol=1e-5)
-        # the replay checks itself against the full forward (a wrong adapter is refused)
+        # the replay checks itself against the full forward (a wrong adapter is refused); the
+        # head at chosen positions reads the same logits
         replay = BlockReplay(model, adapter, 1, 2, {"input_ids": ids})
         torch.testing.assert_close(replay(), full, rtol=1e-5, atol=1e-5)
+        rows, cols = torch.tensor([0, 0]), torch.tensor([1, ids.shape[1] - 1])
+        torch.testing.assert_close(replay((rows, cols)), full[rows, cols], rtol=1e-5, atol=1e-5)
         emb = adapter.embed(model, ids)
         scale = adapter.embedding_scale(model)
         weight = adapter.module(model, "embedding").weight
