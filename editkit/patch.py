@@ -42,9 +42,11 @@ _MAX_DEPTH = 32
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor_fingerprint(tensor: torch.Tensor) -> str:
-    """Short content hash of a tensor (dtype, shape and bytes)."""
-    t = tensor.detach().contiguous().cpu()
+def tensor_fingerprint(tensor: torch.Tensor, as_dtype: torch.dtype | None = None) -> str:
+    """Short content hash of a tensor (dtype, shape and bytes); with ``as_dtype``, the hash
+    the tensor would have after ``tensor.to(as_dtype)``."""
+    t = tensor.detach()
+    t = (t.to(as_dtype) if as_dtype is not None else t).contiguous().cpu()
     digest = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
     digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]

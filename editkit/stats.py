@@ -321,18 +321,21 @@ for _name, _factory in zip(NAMED_SOURCES, (_wikitext_source, _pydoc_source, _gen
 
 
 # ------------------------------------------------------------------- fingerprints
-def _tensor_digest(h: Any, name: str, t: torch.Tensor, full: bool) -> None:
+def _tensor_digest(h: Any, name: str, t: torch.Tensor, full: bool,
+                   as_dtype: torch.dtype | None = None) -> None:
     t = t.detach()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{'full' if full else 'strided'}".encode())
+    dtype = as_dtype if as_dtype is not None else t.dtype
+    h.update(f"{name}|{dtype}|{tuple(t.shape)}|{'full' if full else 'strided'}".encode())
     flat = t.reshape(-1)
     if not full and flat.numel() > _HASH_SAMPLE:
         flat = flat[:: flat.numel() // _HASH_SAMPLE]
-    flat = flat.contiguous().cpu()
+    flat = flat.to(dtype).contiguous().cpu()
     if flat.numel():
         h.update(flat.view(torch.uint8).numpy().tobytes())
 
 
-def model_fingerprint(model: nn.Module, adapter: Any, layer: int) -> str:
+def model_fingerprint(model: nn.Module, adapter: Any, layer: int,
+                      as_dtype: torch.dtype | None = None) -> str:
     """Content hash of the weights that determine the keys of ``layer``.
 
     The keys of layer ``l`` depend on the embeddings, blocks ``< l`` and block ``l`` up to its
@@ -342,6 +345,10 @@ def model_fingerprint(model: nn.Module, adapter: Any, layer: int) -> str:
     relevant parameter by an evenly strided sample of at most 65 536 entries (a rank-one or
     dense change to a matrix alters nearly every entry), which keeps this cheap for large
     models while staying content based.
+
+    ``as_dtype`` hashes the weights as a copy of the model cast to that dtype would have them
+    (the cast rounds exactly as ``model.to(dtype)`` does), so statistics exported from a
+    float32 model can recognise its bfloat16 / float16 copies.
     """
     prefix = adapter.layers + "."
     out_prefix = adapter.module_name("mlp_out", layer) + "."
@@ -355,7 +362,8 @@ def model_fingerprint(model: nn.Module, adapter: Any, layer: int) -> str:
                 continue
         elif name.startswith(after):
             continue
-        _tensor_digest(h, name, compat.parameter_value(model, name, p), full=name in full)
+        _tensor_digest(h, name, compat.parameter_value(model, name, p), full=name in full,
+                       as_dtype=as_dtype if p.is_floating_point() else None)
     return h.hexdigest()[:32]
 
 
@@ -696,6 +704,8 @@ STATS_CARD = "editkit_stats.json"
 STATS_TENSORS = "mom2.safetensors"
 #: Bumped when the exported layout or the meaning of a card field changes.
 EXPORT_FORMAT = 1
+#: The half-precision dtypes whose copies of a float32 model an exported card recognises.
+_HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _tensor_sha(t: torch.Tensor) -> str:
@@ -765,7 +775,14 @@ def export_statistics(model: nn.Module, covariances: Mapping[int, torch.Tensor],
         "what": "C = E[k kᵀ] of the mlp_out input keys (ROME eq. 2, MEMIT eq. 11)",
         "model": {**identity,
                   "fingerprints": {str(x): model_fingerprint(model, adapter, x)
-                                   for x in layers}},
+                                   for x in layers},
+                  # What a bfloat16 / float16 copy of these weights hashes to, so that the
+                  # statistics of a float32 model serve its half-precision copies too.
+                  "fingerprints_as": {
+                      name: {str(x): model_fingerprint(model, adapter, x, as_dtype=dt)
+                             for x in layers}
+                      for name, dt in _HALF_DTYPES.items()
+                      if identity["weights_dtype"] in ("float32", "float64")}},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "layers": layers,
         "text_source": {"identity": source.identity, "description": source.description},
@@ -883,9 +900,11 @@ def load_statistics(source: str | os.PathLike, model: nn.Module,
             raise StatsError(f"statistics at {where!r} are of another model: {key} "
                              f"{theirs.get(key)!r} in the card, {mine[key]!r} here; use "
                              "statistics exported from this model")
+    as_mine = ((theirs.get("fingerprints_as") or {}).get(mine["weights_dtype"]) or {})
     for layer in wanted:
-        if (theirs.get("fingerprints") or {}).get(str(layer)) != model_fingerprint(
-                model, adapter, layer):
+        fingerprint = model_fingerprint(model, adapter, layer)
+        if fingerprint not in ((theirs.get("fingerprints") or {}).get(str(layer)),
+                               as_mine.get(str(layer))):
             raise StatsError(
                 f"statistics at {where!r} were computed on other weights: the fingerprint of "
                 f"the weights that shape layer {layer}'s keys differs (another checkpoint, an "

@@ -405,8 +405,10 @@ def test_cli_trains_and_scores_a_saved_model(tmp_path, bytelevel_tokenizer, caps
 
 
 # ------------------------------------------------------------------ quality
-def test_shipped_fact_world_hypernetwork_fits_the_shipped_fact_world():
-    """``MEND(model, tok)`` on the fact world finds the hypernetwork shipped as package data."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shipped_fact_world_hypernetwork_fits_the_shipped_fact_world(dtype):
+    """``MEND(model, tok)`` on the fact world finds the hypernetwork shipped as package data,
+    also for a bfloat16 copy of the model (its weights are the float32 ones rounded)."""
     from editkit.methods._learned.io import shipped_dir
     from editkit.testbed import FactWorld, load_fact_world
     from editkit.tokens import score_targets
@@ -414,6 +416,7 @@ def test_shipped_fact_world_hypernetwork_fits_the_shipped_fact_world():
     if not (shipped_dir("mend") / "fact_world" / "hypernet.json").is_file():
         pytest.skip("no MEND hypernetwork shipped for the fact world")
     model, tok = load_fact_world(train_if_missing=False)
+    model = model.to(dtype)
     editor = MEND(model, tok)
     assert editor.hparams.hypernet_path is not None, (
         "the shipped MEND hypernetwork does not fit the shipped fact world (stale); rerun "

@@ -132,6 +132,23 @@ def test_another_model_or_edited_weights_are_refused(model_tok, exported, bytele
     assert load_statistics(directory, model, [0], tokenizer=tok)  # layer 0 is unaffected
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_copies_of_the_model_use_its_export(model_tok, exported, dtype):
+    """A float32 export serves the model's bf16/fp16 copies (their weights are the float32
+    ones rounded, which the card records), and still refuses a half copy of other weights."""
+    import copy
+
+    model, tok = model_tok
+    directory, c = exported
+    half = copy.deepcopy(model).to(dtype)
+    loaded = load_statistics(directory, half, [0, 2], tokenizer=tok, **SETTINGS)
+    assert torch.equal(loaded[2], c[2])
+    with torch.no_grad():  # one rounded weight below layer 2 moved by more than its ulp
+        half.transformer.h[0].mlp.c_fc.weight[0, 0] += 0.25
+    with pytest.raises(StatsError, match="other weights"):
+        load_statistics(directory, half, [2], tokenizer=tok, **SETTINGS)
+
+
 def test_not_an_export_and_hub_offline_are_typed_errors(model_tok, tmp_path, monkeypatch):
     model, tok = model_tok
     with pytest.raises(StatsError, match="holds no editkit_stats.json"):

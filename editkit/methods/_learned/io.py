@@ -44,26 +44,42 @@ FORMAT_VERSION = 2
 POLICY_FIELDS = ("check_fingerprint", "hypernet_path")
 
 
-def base_fingerprint(model: nn.Module, adapter, param_names: Sequence[str]) -> dict[str, Any]:
-    """Fingerprint of the base weights a hypernetwork edits (originals if already edited)."""
+#: Half-precision copies of a float32 base model that a hypernetwork trained on it accepts.
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_fingerprint(model: nn.Module, adapter, param_names: Sequence[str],
+                     as_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Fingerprint of the base weights a hypernetwork edits (originals if already edited).
+
+    ``digests_as`` holds the digest a bfloat16 / float16 copy of float32 weights would have
+    (``as_dtype`` computes one such digest): the copy's weights are these rounded, so a
+    hypernetwork trained on the float32 model accepts them (its numerics stay float32).
+    """
     from editkit.editor import EditHistory
 
     history = model.__dict__.get(EditHistory._ATTR)
     originals = history.originals if history is not None else {}
     params = dict(model.named_parameters())
-    fps = {n: tensor_fingerprint(originals.get(n, params[n])) for n in param_names}
+    base = {n: originals.get(n, params[n]) for n in param_names}
     desc = {
         "model_type": getattr(getattr(model, "config", None), "model_type", None),
         "n_layers": adapter.num_layers(model),
-        "parameters": fps,
+        "parameters": {n: tensor_fingerprint(t, as_dtype) for n, t in base.items()},
     }
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:32]
-    return {"digest": digest, **desc}
+    if as_dtype is not None or any(t.dtype not in (torch.float32, torch.float64)
+                                   for t in base.values()):
+        return {"digest": digest, **desc}
+    return {"digest": digest, **desc, "digests_as": {
+        name: base_fingerprint(model, adapter, param_names, dt)["digest"]
+        for name, dt in HALF_DTYPES.items()}}
 
 
 def check_fingerprint(stored: Mapping[str, Any], actual: Mapping[str, Any], where: str) -> None:
     """Raise ``HypernetworkMismatchError`` naming what differs between two fingerprints."""
-    if stored.get("digest") == actual.get("digest"):
+    accepted = {stored.get("digest"), *(stored.get("digests_as") or {}).values()}
+    if actual.get("digest") in accepted:
         return
     if stored.get("model_type") != actual.get("model_type") or \
             stored.get("n_layers") != actual.get("n_layers"):
@@ -282,7 +298,8 @@ def find_shipped_hypernet(method: str, model: nn.Module, adapter
         if base.get("model_type") != model_type or base.get("n_layers") != \
                 adapter.num_layers(model) or not names or any(n not in params for n in names):
             continue
-        if base_fingerprint(model, adapter, names)["digest"] == base.get("digest"):
+        accepted = {base.get("digest"), *(base.get("digests_as") or {}).values()}
+        if base_fingerprint(model, adapter, names)["digest"] in accepted:
             hparams = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}
             return cfg.parent, {k: v for k, v in hparams.items() if k not in POLICY_FIELDS}
     return None
