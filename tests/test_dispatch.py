@@ -86,3 +86,17 @@ def test_statistics_of_a_dispatched_model_equal_the_plain_model(dispatched):
     want = second_moment(reference, [1, 2], texts, tokenizer=tok, n_samples=8, use_cache=False)
     for layer in (1, 2):  # the offloaded block's keys are computed like any other
         assert torch.allclose(got[layer], want[layer], rtol=1e-5, atol=1e-7)
+
+
+def test_float64_solves_run_on_the_layer_device_where_supported():
+    """The closed-form solves stay on the keys' device (CPU, CUDA); MPS has no float64, so
+    there, and only there, they run on the CPU."""
+    from editkit.methods._locate.linalg import float64_on, solve_device
+
+    assert solve_device("cpu") == torch.device("cpu")
+    assert solve_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert solve_device("mps") == torch.device("cpu")
+    assert solve_device("meta") == torch.device("cpu")
+    t = torch.ones(3, dtype=torch.bfloat16, requires_grad=True)
+    out = float64_on(t, torch.device("cpu"))
+    assert out.dtype == torch.float64 and not out.requires_grad

@@ -22,6 +22,7 @@ from torch import nn
 
 from editkit.editor import Editor
 from editkit.errors import StatsError
+from editkit.methods._locate.linalg import solve_device
 from editkit.methods._locate.templates import (
     PLAIN,
     check_templates,
@@ -130,6 +131,11 @@ class LocateEditor(Editor):
         if missing:
             raise StatsError(f"no key statistics for layers {missing}; pass covariances for "
                              f"every layer in {list(layers)}")
+        # Once, onto the device of the layer each C serves (its solves run there).
+        params = dict(self.model.named_parameters())
+        self.covariances = {
+            layer: c.to(solve_device(params[self.adapter.weight_name("mlp_out", layer)].device))
+            if layer in layers else c for layer, c in self.covariances.items()}
 
     def statistics_length(self) -> int | None:
         """Tokens per statistics text: ``mom2_max_length`` clipped to the model's context.

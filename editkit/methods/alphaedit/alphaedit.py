@@ -28,6 +28,7 @@ import torch
 from editkit.errors import InvalidHyperParamsError, StatsError
 from editkit.methods._locate.editor import SINGULAR_FIX
 from editkit.methods._locate.hparams import accepts_flat_fields
+from editkit.methods._locate.linalg import float64_on, solve_device
 from editkit.methods.memit import MEMIT, MEMITHyperParams
 from editkit.patch import Patch
 
@@ -90,11 +91,10 @@ def solve_projected_update(keys: torch.Tensor, resid: torch.Tensor, projector: t
     ``keys`` K₁ (d_in, n), ``resid`` R (d_out, n), ``projector`` P (d_in, d_in),
     ``previous`` K_p K_pᵀ (d_in, d_in) or None. Y = (P A + α I)⁻¹ P K₁, A = K_p K_pᵀ + K₁K₁ᵀ.
     """
-    k = keys.detach().to(dtype=torch.float64, device="cpu")
-    r = resid.detach().to(dtype=torch.float64, device="cpu")
-    p = projector.to(dtype=torch.float64)
-    a = k @ k.T if previous is None else previous.to(torch.float64) + k @ k.T
-    eye = torch.eye(k.shape[0], dtype=torch.float64)
+    device = solve_device(keys.device)  # the layer's device (no host round trip on a GPU)
+    k, r, p = float64_on(keys, device), float64_on(resid, device), float64_on(projector, device)
+    a = k @ k.T if previous is None else float64_on(previous, device) + k @ k.T
+    eye = torch.eye(k.shape[0], dtype=torch.float64, device=device)
     solved, info = torch.linalg.solve_ex(p @ a + l2 * eye, p @ k)
     if int(info) != 0 or not bool(torch.isfinite(solved).all()):
         raise StatsError(

@@ -38,6 +38,7 @@ from torch import nn
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError, StatsError
 from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import fact_token_index, keys_at
+from editkit.methods._locate.linalg import float64_on, solve_device
 from editkit.methods._locate.templates import apply_template
 from editkit.methods._locate.values import ValueShortcuts, compute_values
 from editkit.methods.memit.hparams import MEMITHyperParams
@@ -77,10 +78,10 @@ def solve_layer_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tenso
     ``keys``: K as (d_in, n); ``resid``: R as (d_out, n); ``cov``: C (d_in, d_in) or None
     (then C = I). Δ = R @ (A⁻¹K)ᵀ because A = λC + KKᵀ is symmetric.
     """
-    k = keys.detach().to(dtype=torch.float64, device="cpu")
-    r = resid.detach().to(dtype=torch.float64, device="cpu")
-    c = (torch.eye(k.shape[0], dtype=torch.float64) if cov is None
-         else cov.detach().to(dtype=torch.float64, device="cpu"))
+    device = solve_device(keys.device)  # the layer's device (no host round trip on a GPU)
+    k, r = float64_on(keys, device), float64_on(resid, device)
+    c = (torch.eye(k.shape[0], dtype=torch.float64, device=device) if cov is None
+         else float64_on(cov, device))
     a = lam * c + k @ k.T
     solved, info = torch.linalg.solve_ex(a, k)
     if int(info) != 0 or not bool(torch.isfinite(solved).all()):

@@ -23,6 +23,7 @@ from torch import nn
 from editkit.errors import EditFailedError, InvalidRequestError, StatsError
 from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import KeyResult, compute_key
+from editkit.methods._locate.linalg import float64_on, solve_device
 from editkit.methods._locate.values import ValueResult, ValueShortcuts, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams
 from editkit.patch import Patch
@@ -34,9 +35,11 @@ logger = logging.getLogger(__name__)
 class KeySolver:
     """``u = (λC)⁻¹ k`` by an LU factorisation of ``λC`` computed once (float64, no inverse)."""
 
-    def __init__(self, cov: torch.Tensor, weight: float = 1.0, layer: int | None = None
-                 ) -> None:
-        c = cov.detach().to(device="cpu", dtype=torch.float64) * float(weight)
+    def __init__(self, cov: torch.Tensor, weight: float = 1.0, layer: int | None = None,
+                 device: torch.device | str | None = None) -> None:
+        # On the edited layer's device (``device``), so that solving per edit moves nothing.
+        self.device = solve_device(cov.device if device is None else device)
+        c = float64_on(cov, self.device) * float(weight)
         if c.dim() != 2 or c.shape[0] != c.shape[1]:
             raise StatsError(f"the key covariance must be square, got shape {tuple(c.shape)}")
         self.dim = c.shape[0]
@@ -52,7 +55,7 @@ class KeySolver:
         self.lu, self.pivots = lu, pivots
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:
-        k64 = k.detach().to(device="cpu", dtype=torch.float64)
+        k64 = float64_on(k, self.device)
         u = torch.linalg.lu_solve(self.lu, self.pivots, k64[:, None])[:, 0]
         if not bool(torch.isfinite(u).all()):
             raise StatsError(f"solving C⁻¹k with the key covariance C{self.where} gave NaN or "
@@ -63,26 +66,25 @@ class KeySolver:
 def left_vector(cov: torch.Tensor | KeySolver | None, k_star: torch.Tensor,
                 weight: float = 1.0) -> torch.Tensor:
     """``u = (λC)⁻¹ k*`` in float64 (``torch.linalg.solve``); ``u = k*`` without C."""
+    device = solve_device(k_star.device)
     if cov is None:
-        return k_star.detach().to(device="cpu", dtype=torch.float64)
+        return float64_on(k_star, device)
     if isinstance(cov, KeySolver):
         return cov.solve(k_star)
-    c = cov.detach().to(device="cpu", dtype=torch.float64) * float(weight)
-    return torch.linalg.solve(c, k_star.detach().to(device="cpu", dtype=torch.float64))
+    return torch.linalg.solve(float64_on(cov, device) * float(weight), float64_on(k_star, device))
 
 
 def rank_one_update(weight_kv: torch.Tensor, u: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factors ``(left, right)`` of ``Δ = (value − W key) uᵀ / (uᵀ key)`` (float64, CPU).
+    """Factors ``(left, right)`` of ``Δ = (value − W key) uᵀ / (uᵀ key)`` (float64, on the
+    key's device; see :mod:`editkit.methods._locate.linalg`).
 
     ``weight_kv`` is W in keys→values orientation (``v = W k``, see ``ModelAdapter.kv_view``);
     ``value`` is the target of ``W key`` (any bias of the layer already subtracted). Then
     ``(W + left rightᵀ) key = value``.
     """
-    w = weight_kv.detach().to(device="cpu", dtype=torch.float64)
-    k = key.detach().to(device="cpu", dtype=torch.float64)
-    v = value.detach().to(device="cpu", dtype=torch.float64)
-    u = u.detach().to(device="cpu", dtype=torch.float64)
+    device = solve_device(key.device)
+    w, k, v, u = (float64_on(t, device) for t in (weight_kv, key, value, u))
     denom = torch.dot(u, k)
     if not torch.isfinite(denom) or denom.abs() < 1e-12 * u.norm() * k.norm():
         raise EditFailedError(
@@ -158,7 +160,7 @@ class ROME(LocateEditor):
                     f"{d_in} dimensions; pass the statistics of that layer"
                 )
             self._solver = KeySolver(cov.to(getattr(torch, hp.mom2_dtype)), hp.mom2_update_weight,
-                                     layer=hp.layer)
+                                     layer=hp.layer, device=self._weight().device)
         self.prepare_timings = {"templates": t1 - t0, "stats": time.perf_counter() - t1}
 
     def _weight(self) -> torch.Tensor:
@@ -195,9 +197,9 @@ class ROME(LocateEditor):
         weight = self._weight()
         with torch.no_grad():
             zero = torch.zeros(1, u.shape[0], dtype=weight.dtype, device=weight.device)
-            bias = module(zero)[0].double().cpu()  # the layer's output at k = 0
+            bias = module(zero)[0].double()  # the layer's output at k = 0
         left, right = rank_one_update(self.adapter.kv_view(weight), u, key_in,
-                                      value.v_star.double().cpu() - bias)
+                                      value.v_star.double().to(bias.device) - bias)
         delta = self.adapter.lowrank_delta(left.float(), right.float())
         timings["update"] = time.perf_counter() - t
         self.last_step = ROMEStep(request, keys, value, key_in.detach(), u, timings)
