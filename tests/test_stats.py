@@ -92,7 +92,9 @@ def test_matches_naive_per_text_computation(model_tok, tmp_path):
     # keys are float32 model activations; batching with padding changes them at that level
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     assert torch.allclose(got, got.T)
-    assert torch.linalg.eigvalsh(got).min() > -1e-10  # PSD
+    # PSD up to the float32 rounding of each batch's Gram matrix
+    eig = torch.linalg.eigvalsh(got)
+    assert eig.min() > -1e-6 * float(eig.max())
 
 
 def test_one_pass_for_many_layers_equals_single_layer_passes(model_tok, tmp_path):
