@@ -17,7 +17,7 @@ the adapter does not declare (a logit soft-cap, say) raises
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -120,6 +120,23 @@ def _top_level_cache_key(call: Call) -> str | None:
     return keys[0] if len(found) == 1 and len(keys) == 1 else None
 
 
+def _ragged_suffix(ids: torch.Tensor, mask: torch.Tensor | None,
+                   row_prefix: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs that run each row from its own column ``row_prefix[r]`` on, after a cache
+    of ``max(row_prefix)`` columns of which row r keeps its first ``row_prefix[r]``."""
+    n_rows, width = ids.shape
+    lengths = (mask.sum(1) if mask is not None
+               else torch.full((n_rows,), width, device=ids.device))
+    run = int((lengths - row_prefix).max())
+    cols = row_prefix[:, None] + torch.arange(run, device=ids.device)[None, :]
+    real = cols < lengths[:, None]
+    cols = cols.clamp(max=width - 1)  # padding past a row's end: masked, any token will do
+    cached = torch.arange(int(row_prefix.max()), device=ids.device)[None, :] < row_prefix[:, None]
+    dtype = mask.dtype if mask is not None else torch.long
+    return {"input_ids": ids.gather(1, cols), "position_ids": cols,
+            "attention_mask": torch.cat([cached, real], dim=1).to(dtype)}
+
+
 class PrefixUnavailable(Exception):
     """This model's key/value cache cannot be driven to replay a suffix (internal signal)."""
 
@@ -142,6 +159,16 @@ class BlockReplay:
     ``prefix``). Rows must not be padded inside the prefix (right padding is fine). A model
     whose cache cannot be driven this way raises :class:`PrefixUnavailable`.
 
+    ``row_prefix`` (instead of ``prefix``): one prefix length per row, so every row runs from
+    its own column on (ROME's rows each from their own δ column) in one batch. Each row's
+    suffix is moved to the front of the run part (right-padded to the longest suffix); the
+    cached part holds ``max(row_prefix)`` columns, of which row r attends to its first
+    ``row_prefix[r]`` (an attention mask over cached + run columns), and the run tokens get
+    their true position ids. Positions passed to :meth:`__call__` are then column −
+    ``row_prefix[row]``. A model whose forward does not take ``position_ids`` and a 2-D mask
+    over the cached columns raises :class:`PrefixUnavailable`, and one that takes them but
+    does not honour them fails :meth:`verify`.
+
     ``verify`` (default on) checks once, with no hooks of the caller active, that replaying
     blocks ``start..`` to the last block and applying the head gives the model's own logits
     at ``check_at`` (``(rows, cols)`` in full-prompt columns; default every position): see
@@ -152,8 +179,17 @@ class BlockReplay:
 
     def __init__(self, model: nn.Module, adapter: Any, start: int, stop: int,
                  inputs: dict[str, torch.Tensor], *, check_at: Positions | None = None,
-                 verify: bool = True, prefix: int = 0) -> None:
+                 verify: bool = True, prefix: int = 0,
+                 row_prefix: Sequence[int] | None = None) -> None:
         self.model, self.adapter, self.start, self.stop = model, adapter, start, stop
+        ids = inputs["input_ids"]
+        self.row_prefix: torch.Tensor | None = None
+        if row_prefix is not None:
+            if prefix:
+                raise ValueError("give prefix or row_prefix, not both")
+            self.row_prefix = torch.tensor(list(row_prefix), dtype=torch.long,
+                                           device=ids.device)
+            prefix = int(self.row_prefix.max()) if len(row_prefix) else 0
         self.prefix = prefix
         self.blocks = adapter.blocks(model)
         last = len(self.blocks) - 1
@@ -165,15 +201,17 @@ class BlockReplay:
         logits = out.logits
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         if prefix:
-            ids = inputs["input_ids"]
             kv = compat.cache_tensors(out, len(self.blocks), ids.shape[1])
             if kv is None:
                 raise PrefixUnavailable("the model's key/value cache could not be read")
             kv = [(k.narrow(-2, 0, prefix), v.narrow(-2, 0, prefix)) for k, v in kv]
-            suffix = {"input_ids": ids[:, prefix:], "use_cache": True,
-                      cache_arg: compat.filled_cache(kv)}
-            if inputs.get("attention_mask") is not None:  # prefix + suffix columns
-                suffix["attention_mask"] = inputs["attention_mask"]
+            if self.row_prefix is not None:
+                suffix = _ragged_suffix(ids, inputs.get("attention_mask"), self.row_prefix)
+            else:
+                suffix = {"input_ids": ids[:, prefix:]}
+                if inputs.get("attention_mask") is not None:  # prefix + suffix columns
+                    suffix["attention_mask"] = inputs["attention_mask"]
+            suffix.update({"use_cache": True, cache_arg: compat.filled_cache(kv)})
             try:
                 with torch.no_grad(), BlockCalls(self.blocks, range(start, last + 1)) as rec:
                     model(**suffix)
@@ -192,6 +230,12 @@ class BlockReplay:
         self._expected: torch.Tensor | None = self.reference
         if verify:
             self.verify()
+
+    def suffix_cols(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Full-prompt columns ``cols`` of ``rows`` as columns of the part the replay runs."""
+        if self.row_prefix is not None:
+            return cols - self.row_prefix.to(cols.device)[rows]
+        return cols - self.prefix
 
     def _call(self, i: int) -> Call:
         """Block ``i``'s recorded call; with a prefix, a fresh cache holding its keys/values."""
@@ -236,14 +280,18 @@ class BlockReplay:
         with torch.no_grad():
             hidden = self.hidden_out(len(self.blocks) - 1)
             if self._check_at is None:
+                if self.row_prefix is not None:
+                    raise ValueError("a replay with row_prefix needs check_at positions")
                 got = self.adapter.head(self.model, hidden)
                 expected = self._expected[:, self.prefix:]
             else:
                 rows, cols = self._check_at
-                got = self.adapter.head(self.model, hidden, (rows, cols - self.prefix))
+                got = self.adapter.head(self.model, hidden, (rows, self.suffix_cols(rows, cols)))
                 expected = self._expected
         what = f"blocks {self.start}..{len(self.blocks) - 1} and the head"
-        if self.prefix:
+        if self.row_prefix is not None:
+            what += f", each row after its own cached prefix (at most {self.prefix})"
+        elif self.prefix:
             what += f", tokens after a cached prefix of {self.prefix}"
         check_replay(got, expected, self.adapter.name, what)
         self._expected = None

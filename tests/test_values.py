@@ -43,6 +43,7 @@ CONFIGS = {
     "kl_at_step0": ValueShortcuts(kl_once=False),
     "full_forward_kl_once": ValueShortcuts(skip_lower_layers=False, kl_once=True),
     "edit_block_each_step": ValueShortcuts(edit_block_once=False),
+    "row_groups": ValueShortcuts(ragged_rows=False),
     "edit_block_once_no_prefix": ValueShortcuts(reuse_prefix=False, edit_block_once=True),
 }
 
@@ -78,7 +79,7 @@ def test_first_step_loss_and_gradient_equal_the_full_forward(model_tok, config, 
     torch.testing.assert_close(fast.first_grad, slow.first_grad, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("config", ["all", "no_prefix", "edit_block_each_step"])
+@pytest.mark.parametrize("config", ["all", "no_prefix", "edit_block_each_step", "row_groups"])
 def test_v_star_equals_the_full_forward_loop(model_tok, config):
     model, tok = model_tok
     fast = _value(model, tok, CONFIGS[config])
@@ -114,6 +115,29 @@ def test_prefix_reuse_is_in_effect_and_runs_fewer_tokens(model_tok):
     steps_widths = widths[-3 * len(groups):]
     assert sum(steps_widths) < 3 * len(groups) * max(len(s) for s in rows.seqs)
     assert max(steps_widths) < max(len(s) for s in rows.seqs)
+
+
+def test_ragged_rows_run_each_row_from_its_own_edit_position(model_tok):
+    """ragged_rows (default): one batch, every row from its δ column on (no fallback to
+    groups on GPT-2 or LLaMA), and the run part is as wide as the longest row suffix."""
+    model, tok = model_tok
+    adapter = editkit.get_adapter(model)
+    rows = _build_rows(tok, REQUESTS[:2], TEMPLATES, "subject_last")
+    with torch.no_grad():
+        (group,) = _make_groups(model, tok, adapter, rows, 1, 3, ValueShortcuts(), "cpu")
+        grouped = _make_groups(model, tok, adapter, rows, 1, 3,
+                               ValueShortcuts(ragged_rows=False), "cpu")
+    assert group.replay.row_prefix.tolist() == rows.edit_idx
+    assert bool((group.edit_cols == 0).all())
+    suffixes = [len(s) - e for s, e in zip(rows.seqs, rows.edit_idx, strict=True)]
+    assert group.replay.hidden.shape[1] == max(suffixes)
+    assert len(set(rows.edit_idx)) > 1  # the rows really start at different columns
+    # fewer row-tokens than the groups padded to a common start
+    assert group.replay.hidden.shape[:2].numel() <= sum(g.replay.hidden.shape[:2].numel()
+                                                        for g in grouped)
+    # the replay's logits at the reads are the model's own (verified at construction too)
+    at = group.read_at
+    torch.testing.assert_close(group.replay(at), group.replay.reference, rtol=1e-5, atol=1e-5)
 
 
 def test_lower_layers_run_a_fixed_number_of_times(bytelevel_tokenizer):

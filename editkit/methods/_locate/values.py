@@ -26,6 +26,12 @@ default, each switchable and checked against the straightforward computation in
   cache and each step runs only the tokens from there on. A model whose cache cannot be
   driven that way, or whose replay with a prefix does not reproduce its logits, falls back
   to whole rows (logged).
+* ``ragged_rows`` (with ``reuse_prefix``): instead of groups, one batch in which every row
+  runs from its own edit position (its suffix moved to the front, its own part of the cached
+  prefix unmasked, true position ids: ``BlockReplay(row_prefix=)``). Fewer tokens than
+  groups padded to a common start and one call per block per step instead of one per group
+  (per-call overhead dominates on small models, small matrix products are slow on large
+  ones). Models that cannot take it fall back to the groups (logged).
 * ``kl_once``: the KL term's reference distribution p(· | "s is a") is the unedited model's,
   taken from the construction pass before the loop instead of from step 0.
 * ``edit_block_once``: δ is added to the output of the edited module, the last thing the
@@ -99,6 +105,9 @@ class ValueShortcuts:
     skip_lower_layers: bool = True
     #: Run only tokens from each row group's first edit position (needs skip_lower_layers).
     reuse_prefix: bool = True
+    #: With reuse_prefix: all rows in one batch, each from its own edit position (off, or
+    #: where the model cannot run that way: rows grouped by :func:`plan_groups`).
+    ragged_rows: bool = True
     #: KL reference distribution from the pass before the loop (off: from step 0's logits).
     kl_once: bool = True
     #: The edited block's output without δ computed once; each step adds δ to it and runs
@@ -278,12 +287,17 @@ def compute_values(model: nn.Module, tokenizer, adapter, hparams: Any,
 def _make_groups(model, tokenizer, adapter, rows: _Rows, layer: int, loss_layer: int,
                  sc: ValueShortcuts, device) -> list[_Group]:
     lengths = [len(s) for s in rows.seqs]
+    read_rows = torch.tensor(rows.read_rows)
+    read_cols = torch.tensor(rows.read_cols)
+    if sc.skip_lower_layers and sc.reuse_prefix and sc.ragged_rows:
+        group = _ragged_group(model, tokenizer, adapter, rows, layer, loss_layer, device,
+                              read_rows, read_cols)
+        if group is not None:
+            return [group]
     if sc.skip_lower_layers and sc.reuse_prefix:
         parts = plan_groups(lengths, rows.edit_idx)
     else:
         parts = [list(range(len(rows.seqs)))]
-    read_rows = torch.tensor(rows.read_rows)
-    read_cols = torch.tensor(rows.read_cols)
     groups = []
     for part in parts:
         local = {r: i for i, r in enumerate(part)}
@@ -306,6 +320,30 @@ def _make_groups(model, tokenizer, adapter, rows: _Rows, layer: int, loss_layer:
             reads=reads.to(device), read_at=(at_rows, at_cols - prefix), replay=replay,
             inputs=inputs, prefix=prefix))
     return groups
+
+
+def _ragged_group(model, tokenizer, adapter, rows: _Rows, layer: int, loss_layer: int, device,
+                  read_rows: torch.Tensor, read_cols: torch.Tensor) -> _Group | None:
+    """All rows as one group, each run from its own edit column (``ragged_rows``), or
+    ``None`` (logged) where the model cannot replay that way."""
+    n = len(rows.seqs)
+    batch = right_pad(rows.seqs, pad_id(tokenizer), device)
+    inputs = dict(batch.model_inputs())
+    at_rows, at_cols = read_rows.to(device), read_cols.to(device)
+    try:
+        replay = BlockReplay(model, adapter, layer, loss_layer, inputs,
+                             check_at=(at_rows, at_cols), row_prefix=rows.edit_idx)
+    except (PrefixUnavailable, ReplayMismatchError) as exc:
+        logger.info("v*: rows cannot each run from their own edit position on this model "
+                    "(%s); grouping them", exc)
+        return None
+    local = torch.arange(n, device=device)
+    return _Group(rows=local, edit_cols=replay.suffix_cols(local, torch.tensor(
+                      rows.edit_idx, device=device)),
+                  delta_index=torch.tensor(rows.request_of_row, device=device),
+                  reads=torch.arange(len(rows.read_rows), device=device),
+                  read_at=(at_rows, replay.suffix_cols(at_rows, at_cols)), replay=replay,
+                  inputs=inputs, prefix=replay.prefix)
 
 
 def _edit_block_base(model, g: _Group, edited: str) -> torch.Tensor | None:
