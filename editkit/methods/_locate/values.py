@@ -105,15 +105,15 @@ class ValueShortcuts:
     skip_lower_layers: bool = True
     #: Run only tokens from each row group's first edit position (needs skip_lower_layers).
     reuse_prefix: bool = True
-    #: With reuse_prefix: all rows in one batch, each from its own edit position (off, or
-    #: where the model cannot run that way: rows grouped by :func:`plan_groups`).
-    ragged_rows: bool = True
     #: KL reference distribution from the pass before the loop (off: from step 0's logits).
     kl_once: bool = True
     #: The edited block's output without δ computed once; each step adds δ to it and runs
     #: only the blocks above (needs skip_lower_layers; used where a check shows δ reaches
     #: the block's output unchanged, see :func:`_edit_block_base`).
     edit_block_once: bool = True
+    #: With reuse_prefix: all rows in one batch, each from its own edit position (off, or
+    #: where the model cannot run that way: rows grouped by :func:`plan_groups`).
+    ragged_rows: bool = True
 
 
 #: A group of rows costs this many row-tokens of work on top of its tokens (one more call
