@@ -26,7 +26,7 @@ from torch import nn
 from editkit.errors import ReplayMismatchError, UnsupportedModelError
 from editkit.models import compat
 from editkit.models.compat import map_leaves
-from editkit.nethooks import HookSet
+from editkit.nethooks import HookSet, Trace
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,10 @@ def _ragged_suffix(ids: torch.Tensor, mask: torch.Tensor | None,
             "attention_mask": torch.cat([cached, real], dim=1).to(dtype)}
 
 
+#: Rows per forward pass of :class:`BlockReplay`'s whole-row pass in prefix mode.
+PREFIX_PASS_ROWS = 32
+
+
 class PrefixUnavailable(Exception):
     """This model's key/value cache cannot be driven to replay a suffix (internal signal)."""
 
@@ -196,15 +200,25 @@ class BlockReplay:
         cache_arg = compat.cache_argument(model) if prefix else None
         if prefix and cache_arg is None:
             raise PrefixUnavailable("the model's forward takes no key/value cache")
-        with torch.no_grad(), BlockCalls(self.blocks, range(start, last + 1)) as rec:
-            out = model(**inputs, use_cache=bool(prefix))
-        logits = out.logits
+        self._check_at = check_at
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if prefix and check_at is not None:
+            # the whole rows are run only for the prefix cache and the reference logits:
+            # in chunks of rows, so that the logits (vocabulary × every position) of a large
+            # batch (MEMIT's z for many requests at once) are never all held at once
+            kv, self.reference = self._prefix_pass(model, inputs, prefix, check_at)
+        else:
+            with torch.no_grad(), BlockCalls(self.blocks, range(start, last + 1)) as rec:
+                out = model(**inputs, use_cache=bool(prefix))
+            self.reference = (
+                out.logits[check_at] if check_at is not None else out.logits).detach()
+            if prefix:
+                kv = compat.cache_tensors(out, len(self.blocks), ids.shape[1])
+                if kv is None:
+                    raise PrefixUnavailable("the model's key/value cache could not be read")
+                kv = [(k[..., :prefix, :].clone(), v[..., :prefix, :].clone()) for k, v in kv]
+            del out
         if prefix:
-            kv = compat.cache_tensors(out, len(self.blocks), ids.shape[1])
-            if kv is None:
-                raise PrefixUnavailable("the model's key/value cache could not be read")
-            kv = [(k.narrow(-2, 0, prefix), v.narrow(-2, 0, prefix)) for k, v in kv]
             if self.row_prefix is not None:
                 suffix = _ragged_suffix(ids, inputs.get("attention_mask"), self.row_prefix)
             else:
@@ -212,24 +226,58 @@ class BlockReplay:
                 if inputs.get("attention_mask") is not None:  # prefix + suffix columns
                     suffix["attention_mask"] = inputs["attention_mask"]
             suffix.update({"use_cache": True, cache_arg: compat.filled_cache(kv)})
+            # the suffix pass only records the block calls: it stops after the last block,
+            # before the head
+            stop_at = adapter.module_name("block", last)
             try:
-                with torch.no_grad(), BlockCalls(self.blocks, range(start, last + 1)) as rec:
+                with torch.no_grad(), BlockCalls(self.blocks, range(start, last + 1)) as rec, \
+                        Trace(model, [stop_at], stop=True):
                     model(**suffix)
             except Exception as exc:  # a family whose cache we cannot drive
                 raise PrefixUnavailable(str(exc)) from exc
             self.kv = [(k.detach(), v.detach()) for k, v in kv]
         self.calls = dict(zip(rec.layers, rec.result(), strict=True))
+        if prefix:  # the recorded cache grew by the suffix pass: keep only the prefix
+            self.calls = {i: compat.swap_cache(call, compat.prefix_cache(*self.kv[i]))
+                          for i, call in self.calls.items()}
         # Where each block call takes its cache, found once: a step then swaps in the
         # prefix cache with one dict update instead of walking the whole call (which cost
         # ~4 % of a small model's v* step in Python).
         self._cache_key = {i: _top_level_cache_key(call) for i, call in self.calls.items()}
         self.hidden = adapter.block_input(self.calls[start]).detach()
-        self._check_at = check_at
-        self.reference: torch.Tensor = (
-            logits[check_at] if check_at is not None else logits).detach()
         self._expected: torch.Tensor | None = self.reference
         if verify:
             self.verify()
+
+    def _prefix_pass(self, model, inputs: dict[str, torch.Tensor], prefix: int,
+                     check_at: Positions) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                   torch.Tensor]:
+        """The whole rows run ``PREFIX_PASS_ROWS`` at a time: per layer the keys/values of the
+        first ``prefix`` columns (copies), and the model's logits at ``check_at``."""
+        rows, cols = check_at
+        n_rows, width = inputs["input_ids"].shape
+        kv_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        reference = None
+        for r0 in range(0, n_rows, PREFIX_PASS_ROWS):
+            r1 = min(n_rows, r0 + PREFIX_PASS_ROWS)
+            chunk = {k: (v[r0:r1] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                         and v.shape[0] == n_rows else v) for k, v in inputs.items()}
+            with torch.no_grad():
+                out = model(**chunk, use_cache=True)
+            kv = compat.cache_tensors(out, len(self.blocks), width)
+            if kv is None:
+                raise PrefixUnavailable("the model's key/value cache could not be read")
+            kv_parts.append([(k[..., :prefix, :].clone(), v[..., :prefix, :].clone())
+                             for k, v in kv])
+            mine = ((rows >= r0) & (rows < r1)).nonzero().flatten()
+            logits = out.logits[rows[mine] - r0, cols[mine]].detach()
+            if reference is None:
+                reference = logits.new_empty((rows.shape[0], logits.shape[-1]))
+            reference[mine] = logits
+            del out
+        kv = [(torch.cat([part[i][0] for part in kv_parts]),
+               torch.cat([part[i][1] for part in kv_parts])) for i in range(len(kv_parts[0]))]
+        return kv, reference
 
     def suffix_cols(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Full-prompt columns ``cols`` of ``rows`` as columns of the part the replay runs."""
