@@ -140,6 +140,29 @@ def test_ragged_rows_run_each_row_from_its_own_edit_position(model_tok):
     torch.testing.assert_close(group.replay(at), group.replay.reference, rtol=1e-5, atol=1e-5)
 
 
+def test_construction_pass_in_row_chunks_changes_nothing(model_tok, monkeypatch):
+    """The whole-row pass of a prefix replay runs PREFIX_PASS_ROWS rows at a time (a large z
+    batch's logits are never all held): with chunks of 2 rows, batched z equal the
+    straightforward loop's."""
+    import editkit.replay
+
+    model, tok = model_tok
+    monkeypatch.setattr(editkit.replay, "PREFIX_PASS_ROWS", 2)
+    adapter = editkit.get_adapter(model)
+    rows = _build_rows(tok, REQUESTS, TEMPLATES, "subject_last")
+    with torch.no_grad():  # no silent fallback: the chunked pass verifies as one ragged batch
+        (group,) = _make_groups(model, tok, adapter, rows, 1, 3, ValueShortcuts(), "cpu")
+    assert group.replay.row_prefix is not None and len(rows.seqs) > 2
+    fast = compute_values(model, tok, adapter, _hp(), REQUESTS, TEMPLATES, layer=1,
+                          slot="block")
+    slow = compute_values(model, tok, adapter, _hp(), REQUESTS, TEMPLATES, layer=1,
+                          slot="block", shortcuts=STRAIGHT)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.v_star, b.v_star, rtol=1e-4, atol=1e-4)
+
+
 def test_lower_layers_run_a_fixed_number_of_times(bytelevel_tokenizer):
     model = tiny_model("gpt2", len(bytelevel_tokenizer), n_layers=5)
     blocks = editkit.get_adapter(model).blocks(model)
