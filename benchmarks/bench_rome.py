@@ -72,18 +72,24 @@ def fact_world_requests(n):
     return [EditRequest.from_counterfact(r) for r in FactWorld().records(n=n, seed=1)]
 
 
+_OFF = dict(skip_lower_layers=False, reuse_prefix=False, kl_once=False, edit_block_once=False,
+            ragged_rows=False)
 SHORTCUTS = {
-    "straightforward (full forward)": ValueShortcuts(False, False, False),
-    "+ skip lower layers": ValueShortcuts(True, False, False),
-    "+ cached prefix": ValueShortcuts(True, True, False),
-    "+ KL reference once (all on)": ValueShortcuts(True, True, True),
+    "straightforward (full forward)": ValueShortcuts(**_OFF),
+    "+ skip lower layers": ValueShortcuts(**{**_OFF, "skip_lower_layers": True}),
+    "+ cached prefix (row groups)": ValueShortcuts(**{**_OFF, "skip_lower_layers": True,
+                                                      "reuse_prefix": True}),
+    "+ KL reference once": ValueShortcuts(**{**_OFF, "skip_lower_layers": True,
+                                             "reuse_prefix": True, "kl_once": True}),
+    "+ edited block once": ValueShortcuts(ragged_rows=False),
+    "+ ragged rows (all on)": ValueShortcuts(),
 }
 
 
 def work_per_step(tok, hp, requests, templates, n_layers):
     """Row-tokens through the upper blocks and head rows per step, with and without the
     cached prefix (averaged over requests)."""
-    full, suffix, head = [], [], []
+    full, suffix, ragged, head = [], [], [], []
     for req in requests:
         rows = _build_rows(tok, [req], templates, hp.value.fact_token)
         lengths = [len(s) for s in rows.seqs]
@@ -91,10 +97,14 @@ def work_per_step(tok, hp, requests, templates, n_layers):
         groups = plan_groups(lengths, rows.edit_idx)
         suffix.append(sum(len(g) * (max(lengths[r] for r in g) - min(rows.edit_idx[r] for r in g))
                           for g in groups))
+        ragged.append(len(lengths) * max(n - e for n, e in zip(lengths, rows.edit_idx,
+                                                               strict=True)))
         head.append(len(rows.read_rows))
     blocks = n_layers - hp.layer
-    print(f"work per v* step: blocks {hp.layer}..{n_layers - 1} ({blocks} of {n_layers}); "
-          f"row-tokens {statistics.mean(suffix):.0f} with the cached prefix vs "
+    print(f"work per v* step: blocks {hp.layer}..{n_layers - 1} ({blocks} of {n_layers}; "
+          f"{blocks - 1} with the edited block once); row-tokens "
+          f"{statistics.mean(ragged):.0f} in one batch of ragged rows, "
+          f"{statistics.mean(suffix):.0f} in row groups with the cached prefix vs "
           f"{statistics.mean(full):.0f} whole rows (x{statistics.mean(full) / statistics.mean(suffix):.2f}); "
           f"head at {statistics.mean(head):.0f} loss positions of {statistics.mean(full):.0f}")
 

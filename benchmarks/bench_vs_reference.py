@@ -145,6 +145,218 @@ def reference_hparams(rome, hp: ROMEHyperParams, model, adapter):
         mom2_dataset="injected", mom2_n_samples=hp.mom2_n_samples, mom2_dtype=hp.mom2_dtype)
 
 
+# ---------------------------------------------------------------- the reference MEMIT
+def import_reference_memit(ref: Path, device: torch.device, covariances: dict[str, torch.Tensor]):
+    """The reference's ``memit`` package imported from ``ref`` (kmeng01/memit), patched for
+    CPU and for blocks that return a tensor (see :class:`_TupleOutputs`); ``get_cov`` returns
+    the injected second moments (by module name), as ``inv_mom2_cache`` does for ROME."""
+    if not (ref / "memit" / "memit_main.py").is_file():
+        sys.exit(f"--ref {ref}: no memit/memit_main.py there; pass a checkout of kmeng01/memit")
+    import_reference(ref, device)  # its rome package, util.globals, the datasets stub
+    cwd = os.getcwd()
+    os.chdir(ref)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import memit.compute_z
+            import memit.memit_main
+    finally:
+        os.chdir(cwd)
+    memit.compute_z.torch = _CpuTorch(device)
+    memit.compute_z.nethook = _TupleOutputs(memit.compute_z.nethook)
+
+    def get_cov(model, tok, layer_name, *args, **kwargs):
+        return covariances[layer_name].to(device)
+
+    memit.memit_main.get_cov = get_cov
+    return memit
+
+
+class _TupleOutputs(types.ModuleType):
+    """The reference's ``nethook`` for ``compute_z``, on transformers versions whose blocks
+    return a tensor: compute_z reads and edits a block's output as ``output[0]`` (the hidden
+    state of a tuple, as transformers 4.x returned it), which on a tensor would be the first
+    row. Its edit function and the retained outputs see a 1-tuple around the tensor."""
+
+    def __init__(self, nethook) -> None:
+        super().__init__("nethook")
+        self._nethook = nethook
+
+    def __getattr__(self, name):
+        return getattr(self._nethook, name)
+
+    def TraceDict(self, module, layers, *args, edit_output=None, **kwargs):  # noqa: N802
+        def edit(output, layer):
+            if isinstance(output, torch.Tensor):
+                return edit_output((output,), layer)[0]
+            return edit_output(output, layer)
+
+        traces = self._nethook.TraceDict(module, layers, *args,
+                                         edit_output=edit if edit_output else None, **kwargs)
+        return _TupleTraces(traces)
+
+
+class _TupleTraces:
+    """A reference ``TraceDict`` whose retained tensor outputs read as 1-tuples."""
+
+    def __init__(self, traces) -> None:
+        self._traces = traces
+
+    def __enter__(self):
+        self._traces.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._traces.__exit__(*exc)
+
+    def __getitem__(self, name):
+        trace = self._traces[name]
+        out = trace.output
+        return types.SimpleNamespace(output=(out,) if isinstance(out, torch.Tensor) else out,
+                                     input=getattr(trace, "input", None))
+
+
+def reference_memit_hparams(memit, hp, model, adapter):
+    n_layers = adapter.num_layers(model)
+    rewrite = module_template(adapter, model, "mlp_out")
+    block = module_template(adapter, model, "block")
+    lm_weight = adapter.module(model, "lm_head").weight
+    # the reference reads the unembedding by parameter name: a tied one is listed under
+    # the embedding's name only
+    lm_name = next(n for n, p in model.named_parameters() if p is lm_weight)
+    vp = hp.value
+    return memit.memit_main.MEMITHyperParams(
+        layers=list(hp.layers), layer_selection="all", fact_token=vp.fact_token,
+        v_num_grad_steps=vp.num_grad_steps, v_lr=vp.lr, v_loss_layer=vp.read_layer(n_layers),
+        v_weight_decay=vp.weight_decay, clamp_norm_factor=vp.clamp_norm_factor,
+        kl_factor=vp.kl_factor, mom2_adjustment=True, mom2_update_weight=hp.mom2_update_weight,
+        rewrite_module_tmp=rewrite, layer_module_tmp=block,
+        mlp_module_tmp=rewrite.rsplit(".", 1)[0], attn_module_tmp=block + ".attn",
+        ln_f_module=adapter.module_name("final_norm"), lm_head_module=lm_name[:-len(".weight")],
+        mom2_dataset="injected", mom2_n_samples=hp.mom2_n_samples, mom2_dtype=hp.mom2_dtype)
+
+
+def run_memit_reference(memit, rhp, model, tok, requests, device
+                        ) -> tuple[float, list, dict, dict]:
+    main = memit.memit_main
+    phases = {"z": 0.0}
+    original = main.compute_z
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            phases["z"] += time.perf_counter() - t0
+
+    reqs = [{"case_id": i, "prompt": r.prompt, "subject": r.subject,
+             "target_new": {"str": r.target_new}} for i, r in enumerate(requests)]
+    main.compute_z = timed
+    try:
+        with reference_running(device):
+            t = time.perf_counter()
+            deltas = main.execute_memit(model, tok, reqs, rhp)
+            seconds = time.perf_counter() - t
+    finally:
+        main.compute_z = original
+    phases["layers"] = seconds - phases["z"]
+    params = dict(model.named_parameters())
+    saved, updates = {}, {}
+    with torch.no_grad():
+        for name, (key_mat, val_mat) in deltas.items():
+            w = params[name]
+            saved[name] = w.detach().clone()
+            upd = key_mat.to(device) @ val_mat.to(device).T
+            w[...] += main.upd_matrix_match_shape(upd, w.shape).float()
+            updates[name] = w.detach() - saved[name]
+    try:
+        scores = [score(model, tok, r) for r in requests]
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                params[name][...] = w0
+    return seconds, scores, phases, updates
+
+
+def run_memit_editkit(editor, requests) -> tuple[float, list, dict, dict]:
+    params = dict(editor.model.named_parameters())
+    before = {n: params[n].detach().clone() for n in editor.edited_parameters()}
+    t = time.perf_counter()
+    with editor.applied(requests):
+        seconds = time.perf_counter() - t
+        updates = {n: params[n].detach() - w0 for n, w0 in before.items()}
+        scores = [score(editor.model, editor.tokenizer, r) for r in requests]
+    return seconds, scores, dict(editor.last_timings), updates
+
+
+def main_memit(args) -> None:
+    """``--method memit``: one batch of ``--batch`` records through both MEMITs (same C,
+    templates, hyperparameters), for each batch size; the two sides alternate."""
+    from editkit.methods.memit import MEMIT, MEMITHyperParams
+
+    sizes = [int(x) for x in args.batch.split(",")]
+    model, tok, requests = load(args.model, max(sizes))
+    device = next(model.parameters()).device
+    adapter = editkit.get_adapter(model)
+    hp = MEMITHyperParams.for_model(model, adapter)
+    hp.value = dataclasses.replace(hp.value, count_steps=args.counting)
+    max_length = hp.mom2_max_length or 256
+    if getattr(model.config, "n_positions", None):
+        max_length = min(max_length, model.config.n_positions)
+    templates = generate_context_templates(model, tok, hp.value.context_template_length_params,
+                                           use_cache=False,
+                                           start=hp.value.context_template_start)
+    texts = list(text_source(hp.mom2_dataset, args.stats_texts, model=model,
+                             tokenizer=tok).texts(args.stats_texts))
+    covs = second_moment(model, list(hp.layers), texts, tokenizer=tok, n_samples=len(texts),
+                         max_length=max_length, dtype=hp.mom2_dtype, adapter=adapter,
+                         progress=False)
+    # the reference keeps C in float32 (``stat.mom2.moment().float()``): both sides get that
+    covs = {layer: c.float() for layer, c in covs.items()}
+    names = {adapter.module_name("mlp_out", layer): c for layer, c in covs.items()}
+    memit = import_reference_memit(args.ref.resolve(), device, names)
+    groups, i = [], 0  # the reference's templates: lists per prefix length, bare prompt first
+    for size in [1] + [count for _, count in hp.value.context_template_length_params]:
+        groups.append(list(templates[i:i + size]))
+        i += size
+    memit.memit_main.CONTEXT_TEMPLATES_CACHE = groups
+    rhp = reference_memit_hparams(memit, hp, model, adapter)
+    editor = MEMIT(model, tok, hp, context_templates=templates, covariances=covs)
+    editor.prepare()
+    print(f"MEMIT, model {args.model} ({type(model).__name__}), layers {list(hp.layers)}, "
+          f"{hp.value.num_grad_steps} steps counted as {args.counting!r}, "
+          f"{len(templates)} templates, C from {len(texts)} texts of {hp.mom2_dataset}, "
+          f"{args.threads} thread(s)")
+    print("\n| edits | side | ES | PS | NS | s/batch | s/edit | z s | layers s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for k, n in enumerate(sizes):
+        batch = requests[:n]
+        sides = ["editkit", "reference"] if k % 2 == 0 else ["reference", "editkit"]
+        out = {}
+        for side in sides:
+            if side == "editkit":
+                out[side] = run_memit_editkit(editor, batch)
+            else:
+                out[side] = run_memit_reference(memit, rhp, model, tok, batch, device)
+        for side in ("editkit", "reference"):
+            seconds, scores, phases, _ = out[side]
+            means = {m: statistics.fmean(s[m] for s in scores if m in s) for m in METRICS}
+            print(f"| {n} | {side} | {means['ES']:.3f} | {means['PS']:.3f} | "
+                  f"{means['NS']:.3f} | {seconds:.1f} | {seconds / n:.3f} | "
+                  f"{phases['z']:.1f} | {phases['layers']:.1f} |", flush=True)
+        diffs = {m: [a[m] - b[m] for a, b in zip(out["editkit"][1], out["reference"][1],
+                                                strict=True) if m in a and m in b]
+                 for m in METRICS}
+        print("|   | editkit − reference | " + " | ".join(
+            f"{statistics.fmean(d):+.3f} ({sum(abs(x) > 1e-9 for x in d)}/{len(d)} differ)"
+            for d in diffs.values()) + f" | ratio {out['editkit'][0] / out['reference'][0]:.2f}×"
+            " | | | |", flush=True)
+        ups = out["editkit"][3], out["reference"][3]
+        rel = max(float((ups[0][n] - ups[1][n]).abs().max() / ups[1][n].abs().max())
+                  for n in ups[1])
+        print(f"|   | weight updates: max |ΔW_editkit − ΔW_reference| / max |ΔW_reference| = "
+              f"{rel:.1e} | | | | | | | |", flush=True)
+
+
 # ---------------------------------------------------------------- models and records
 def load(which: str, n: int):
     if which == "factworld":
@@ -282,9 +494,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--counting", choices=("reference", "updates"), default="reference",
                     help="editkit's value.count_steps (reference: same number of updates)")
+    ap.add_argument("--method", choices=("rome", "memit"), default="rome",
+                    help="memit: --ref is a checkout of kmeng01/memit; one batch per --batch")
+    ap.add_argument("--batch", default="10,100",
+                    help="--method memit: batch sizes, comma-separated (each a fresh batch "
+                         "of the first records, edited together)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    if args.method == "memit":
+        main_memit(args)
+        return
 
     model, tok, requests = load(args.model, args.n)
     requests = [r for r in requests if r.target_true is not None][: args.n]

@@ -152,11 +152,12 @@ def test_fast_path_never_reruns_lower_layers(bytelevel_tokenizer):
     handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
                for i, b in enumerate(blocks)]
     try:
-        # whole rows (prefix reuse adds one cached-suffix capture pass per row group:
-        # tests/test_values.py counts that case)
+        # whole rows, the edited block re-run each step (prefix reuse adds one cached-suffix
+        # capture pass, edit_block_once moves the edited block out of the loop:
+        # tests/test_values.py counts those cases)
         res = compute_value(model, bytelevel_tokenizer, editkit.get_adapter(model), hp,
                             REQUEST, TEMPLATES,
-                            shortcuts=ValueShortcuts(reuse_prefix=False))
+                            shortcuts=ValueShortcuts(reuse_prefix=False, edit_block_once=False))
     finally:
         for h in handles:
             h.remove()

@@ -22,6 +22,7 @@ from editkit.methods._locate.hparams import ValueHyperParams
 from editkit.methods._locate.values import (
     ValueShortcuts,
     _build_rows,
+    _edit_block_base,
     _make_groups,
     compute_value,
     compute_values,
@@ -41,6 +42,9 @@ CONFIGS = {
     "no_prefix": ValueShortcuts(reuse_prefix=False),
     "kl_at_step0": ValueShortcuts(kl_once=False),
     "full_forward_kl_once": ValueShortcuts(skip_lower_layers=False, kl_once=True),
+    "edit_block_each_step": ValueShortcuts(edit_block_once=False),
+    "row_groups": ValueShortcuts(ragged_rows=False),
+    "edit_block_once_no_prefix": ValueShortcuts(reuse_prefix=False, edit_block_once=True),
 }
 
 
@@ -75,7 +79,7 @@ def test_first_step_loss_and_gradient_equal_the_full_forward(model_tok, config, 
     torch.testing.assert_close(fast.first_grad, slow.first_grad, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("config", ["all", "no_prefix"])
+@pytest.mark.parametrize("config", ["all", "no_prefix", "edit_block_each_step", "row_groups"])
 def test_v_star_equals_the_full_forward_loop(model_tok, config):
     model, tok = model_tok
     fast = _value(model, tok, CONFIGS[config])
@@ -113,6 +117,52 @@ def test_prefix_reuse_is_in_effect_and_runs_fewer_tokens(model_tok):
     assert max(steps_widths) < max(len(s) for s in rows.seqs)
 
 
+def test_ragged_rows_run_each_row_from_its_own_edit_position(model_tok):
+    """ragged_rows (default): one batch, every row from its δ column on (no fallback to
+    groups on GPT-2 or LLaMA), and the run part is as wide as the longest row suffix."""
+    model, tok = model_tok
+    adapter = editkit.get_adapter(model)
+    rows = _build_rows(tok, REQUESTS[:2], TEMPLATES, "subject_last")
+    with torch.no_grad():
+        (group,) = _make_groups(model, tok, adapter, rows, 1, 3, ValueShortcuts(), "cpu")
+        grouped = _make_groups(model, tok, adapter, rows, 1, 3,
+                               ValueShortcuts(ragged_rows=False), "cpu")
+    assert group.replay.row_prefix.tolist() == rows.edit_idx
+    assert bool((group.edit_cols == 0).all())
+    suffixes = [len(s) - e for s, e in zip(rows.seqs, rows.edit_idx, strict=True)]
+    assert group.replay.hidden.shape[1] == max(suffixes)
+    assert len(set(rows.edit_idx)) > 1  # the rows really start at different columns
+    # fewer row-tokens than the groups padded to a common start
+    assert group.replay.hidden.shape[:2].numel() <= sum(g.replay.hidden.shape[:2].numel()
+                                                        for g in grouped)
+    # the replay's logits at the reads are the model's own (verified at construction too)
+    at = group.read_at
+    torch.testing.assert_close(group.replay(at), group.replay.reference, rtol=1e-5, atol=1e-5)
+
+
+def test_construction_pass_in_row_chunks_changes_nothing(model_tok, monkeypatch):
+    """The whole-row pass of a prefix replay runs PREFIX_PASS_ROWS rows at a time (a large z
+    batch's logits are never all held): with chunks of 2 rows, batched z equal the
+    straightforward loop's."""
+    import editkit.replay
+
+    model, tok = model_tok
+    monkeypatch.setattr(editkit.replay, "PREFIX_PASS_ROWS", 2)
+    adapter = editkit.get_adapter(model)
+    rows = _build_rows(tok, REQUESTS, TEMPLATES, "subject_last")
+    with torch.no_grad():  # no silent fallback: the chunked pass verifies as one ragged batch
+        (group,) = _make_groups(model, tok, adapter, rows, 1, 3, ValueShortcuts(), "cpu")
+    assert group.replay.row_prefix is not None and len(rows.seqs) > 2
+    fast = compute_values(model, tok, adapter, _hp(), REQUESTS, TEMPLATES, layer=1,
+                          slot="block")
+    slow = compute_values(model, tok, adapter, _hp(), REQUESTS, TEMPLATES, layer=1,
+                          slot="block", shortcuts=STRAIGHT)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses),
+                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.v_star, b.v_star, rtol=1e-4, atol=1e-4)
+
+
 def test_lower_layers_run_a_fixed_number_of_times(bytelevel_tokenizer):
     model = tiny_model("gpt2", len(bytelevel_tokenizer), n_layers=5)
     blocks = editkit.get_adapter(model).blocks(model)
@@ -136,6 +186,64 @@ def test_lower_layers_run_a_fixed_number_of_times(bytelevel_tokenizer):
     assert counts[0][:2] == counts[1][:2]  # below the edit layer: independent of the steps
     extra = counts[1][4] - counts[0][4]  # 3 more steps: one call per row group each
     assert extra > 0 and extra % 3 == 0
+
+
+@pytest.mark.parametrize("slot", ["mlp_out", "block"])
+def test_edit_block_once_runs_the_edited_block_a_fixed_number_of_times(bytelevel_tokenizer,
+                                                                        slot):
+    """With edit_block_once the edited block (layer 2) runs only before the loop, whatever
+    the number of steps, and the blocks above it once per row group and step; switched
+    off, the edited block runs every step too."""
+    tok = bytelevel_tokenizer
+    model = tiny_model("gpt2", len(tok), n_layers=5)
+    adapter = editkit.get_adapter(model)
+    blocks = adapter.blocks(model)
+
+    def calls_per_block(steps, sc):
+        calls = [0] * 5
+        handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(
+            i, calls[i] + 1)) for i, b in enumerate(blocks)]
+        try:
+            res = compute_value(model, tok, adapter, _hp(num_grad_steps=steps), REQUESTS[0],
+                                TEMPLATES, layer=2, slot=slot, shortcuts=sc)
+        finally:
+            for h in handles:
+                h.remove()
+        assert res.steps == steps
+        return calls
+
+    once = [calls_per_block(s, ValueShortcuts()) for s in (2, 5)]
+    each = [calls_per_block(s, ValueShortcuts(edit_block_once=False)) for s in (2, 5)]
+    assert once[0][2] == once[1][2]  # the edited block: not per step
+    extra_above = once[1][3] - once[0][3]
+    assert extra_above > 0 and extra_above % 3 == 0  # blocks above: every step
+    assert each[1][2] - each[0][2] == extra_above  # switched off: the edited block too
+
+
+def test_edit_block_once_falls_back_where_delta_is_not_additive(bytelevel_tokenizer):
+    """A nonlinearity between the edited module and its block's output (as a norm after
+    the MLP would be) fails the construction check: the edited block is then re-run every
+    step and v* still equals the straightforward loop."""
+    tok = bytelevel_tokenizer
+    model = tiny_model("gpt2", len(tok), n_layers=4)
+    adapter = editkit.get_adapter(model)
+    mlp = model.get_submodule(adapter.module_name("mlp_out", 1).rsplit(".", 1)[0])
+    handle = mlp.register_forward_hook(lambda m, a, out: torch.tanh(out))
+    try:
+        rows = _build_rows(tok, REQUESTS[:1], TEMPLATES, "subject_last")
+        with torch.no_grad():
+            groups = _make_groups(model, tok, adapter, rows, 1, 3, ValueShortcuts(), "cpu")
+            edited = adapter.module_name("mlp_out", 1)
+            assert all(_edit_block_base(model, g, edited) is None for g in groups)
+            block_edit = adapter.module_name("block", 1)
+            assert all(_edit_block_base(model, g, block_edit) is not None for g in groups)
+        fast = _value(model, tok, ValueShortcuts())
+        slow = _value(model, tok, STRAIGHT)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fast.v_star, slow.v_star, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(slow.losses),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_kl_reference_once_is_the_unedited_distribution(model_tok):
@@ -220,6 +328,6 @@ def test_plan_groups_is_a_partition_no_worse_than_one_group(rows, overhead):
 
 def test_shortcuts_are_a_frozen_switchboard():
     sc = ValueShortcuts()
-    assert sc.skip_lower_layers and sc.reuse_prefix and sc.kl_once
+    assert sc.skip_lower_layers and sc.reuse_prefix and sc.kl_once and sc.edit_block_once
     with pytest.raises(dataclasses.FrozenInstanceError):
         sc.reuse_prefix = False  # type: ignore[misc]

@@ -26,8 +26,21 @@ default, each switchable and checked against the straightforward computation in
   cache and each step runs only the tokens from there on. A model whose cache cannot be
   driven that way, or whose replay with a prefix does not reproduce its logits, falls back
   to whole rows (logged).
+* ``ragged_rows`` (with ``reuse_prefix``): instead of groups, one batch in which every row
+  runs from its own edit position (its suffix moved to the front, its own part of the cached
+  prefix unmasked, true position ids: ``BlockReplay(row_prefix=)``). Fewer tokens than
+  groups padded to a common start and one call per block per step instead of one per group
+  (per-call overhead dominates on small models, small matrix products are slow on large
+  ones). Models that cannot take it fall back to the groups (logged).
 * ``kl_once``: the KL term's reference distribution p(· | "s is a") is the unedited model's,
   taken from the construction pass before the loop instead of from step 0.
+* ``edit_block_once``: δ is added to the output of the edited module, the last thing the
+  edited block computes before its residual sum (ROME's MLP value; MEMIT's z is the block
+  output itself). Nothing else in that block sees δ, so its output with δ is its output
+  without δ plus δ at the edit positions: that output is computed once and each step runs
+  only the blocks above it. A check at construction (a probe vector through the module's
+  own hook) confirms it for the model at hand; where it fails (a norm after the MLP, an
+  edited module earlier in its block) the block is re-run every step (logged).
 * the head (final norm + unembedding) runs only at the positions the loss reads (always).
 * early stopping (``early_stop_loss`` > 0; 0 runs every step): a request whose loss is below
   it keeps its δ (the reference's check, made before the update of that step).
@@ -54,7 +67,7 @@ from editkit.methods._locate.hparams import ValueHyperParams
 from editkit.methods._locate.keys import fact_token_index
 from editkit.methods._locate.templates import PLAIN, apply_template
 from editkit.nethooks import Trace
-from editkit.replay import BlockReplay, PrefixUnavailable
+from editkit.replay import BlockReplay, PrefixUnavailable, replay_tolerance
 from editkit.requests import EditRequest
 from editkit.tokens import encode, fill, pad_id, prompt_target_ids, right_pad
 
@@ -94,6 +107,13 @@ class ValueShortcuts:
     reuse_prefix: bool = True
     #: KL reference distribution from the pass before the loop (off: from step 0's logits).
     kl_once: bool = True
+    #: The edited block's output without δ computed once; each step adds δ to it and runs
+    #: only the blocks above (needs skip_lower_layers; used where a check shows δ reaches
+    #: the block's output unchanged, see :func:`_edit_block_base`).
+    edit_block_once: bool = True
+    #: With reuse_prefix: all rows in one batch, each from its own edit position (off, or
+    #: where the model cannot run that way: rows grouped by :func:`plan_groups`).
+    ragged_rows: bool = True
 
 
 #: A group of rows costs this many row-tokens of work on top of its tokens (one more call
@@ -192,6 +212,8 @@ class _Group:
     replay: BlockReplay | None
     inputs: dict[str, torch.Tensor]
     prefix: int = 0
+    #: The edited block's output without δ (``edit_block_once``), else ``None``.
+    base: torch.Tensor | None = None
 
 
 def compute_value(model: nn.Module, tokenizer, adapter, hparams: Any,
@@ -248,6 +270,9 @@ def compute_values(model: nn.Module, tokenizer, adapter, hparams: Any,
         with torch.no_grad():
             groups = _make_groups(model, tokenizer, adapter, rows, layer, loss_layer, sc,
                                   device)
+            if sc.skip_lower_layers and sc.edit_block_once:
+                for g in groups:
+                    g.base = _edit_block_base(model, g, edited)
             v0, kl_reference = _initial_values(model, adapter, rows, groups, edited, sc,
                                                loss_layer, device)
         results = _optimise(model, adapter, hp, rows, groups, edited, v0, kl_reference,
@@ -262,12 +287,17 @@ def compute_values(model: nn.Module, tokenizer, adapter, hparams: Any,
 def _make_groups(model, tokenizer, adapter, rows: _Rows, layer: int, loss_layer: int,
                  sc: ValueShortcuts, device) -> list[_Group]:
     lengths = [len(s) for s in rows.seqs]
+    read_rows = torch.tensor(rows.read_rows)
+    read_cols = torch.tensor(rows.read_cols)
+    if sc.skip_lower_layers and sc.reuse_prefix and sc.ragged_rows:
+        group = _ragged_group(model, tokenizer, adapter, rows, layer, loss_layer, device,
+                              read_rows, read_cols)
+        if group is not None:
+            return [group]
     if sc.skip_lower_layers and sc.reuse_prefix:
         parts = plan_groups(lengths, rows.edit_idx)
     else:
         parts = [list(range(len(rows.seqs)))]
-    read_rows = torch.tensor(rows.read_rows)
-    read_cols = torch.tensor(rows.read_cols)
     groups = []
     for part in parts:
         local = {r: i for i, r in enumerate(part)}
@@ -290,6 +320,62 @@ def _make_groups(model, tokenizer, adapter, rows: _Rows, layer: int, loss_layer:
             reads=reads.to(device), read_at=(at_rows, at_cols - prefix), replay=replay,
             inputs=inputs, prefix=prefix))
     return groups
+
+
+def _ragged_group(model, tokenizer, adapter, rows: _Rows, layer: int, loss_layer: int, device,
+                  read_rows: torch.Tensor, read_cols: torch.Tensor) -> _Group | None:
+    """All rows as one group, each run from its own edit column (``ragged_rows``), or
+    ``None`` (logged) where the model cannot replay that way."""
+    n = len(rows.seqs)
+    batch = right_pad(rows.seqs, pad_id(tokenizer), device)
+    inputs = dict(batch.model_inputs())
+    at_rows, at_cols = read_rows.to(device), read_cols.to(device)
+    try:
+        replay = BlockReplay(model, adapter, layer, loss_layer, inputs,
+                             check_at=(at_rows, at_cols), row_prefix=rows.edit_idx)
+    except (PrefixUnavailable, ReplayMismatchError) as exc:
+        logger.info("v*: rows cannot each run from their own edit position on this model "
+                    "(%s); grouping them", exc)
+        return None
+    local = torch.arange(n, device=device)
+    return _Group(rows=local, edit_cols=replay.suffix_cols(local, torch.tensor(
+                      rows.edit_idx, device=device)),
+                  delta_index=torch.tensor(rows.request_of_row, device=device),
+                  reads=torch.arange(len(rows.read_rows), device=device),
+                  read_at=(at_rows, replay.suffix_cols(at_rows, at_cols)), replay=replay,
+                  inputs=inputs, prefix=replay.prefix)
+
+
+def _edit_block_base(model, g: _Group, edited: str) -> torch.Tensor | None:
+    """The edited block's output without δ (suffix columns), if adding δ to the edited
+    module's output adds exactly δ to the block's output, else ``None`` (logged).
+
+    The check sends a probe through the module's own hook (a fixed pseudo-random vector per
+    row, as long as the block's output there, so a norm or nonlinearity after the module
+    shows up far above round-off) and compares the block's output with base + probe."""
+    replay = g.replay
+    base = replay.hidden_out(replay.start)
+    local = torch.arange(g.rows.shape[0], device=base.device)
+    at = base[local, g.edit_cols].float()
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(at.shape, generator=gen).to(at.device)
+    probe = probe * (at.norm(dim=-1, keepdim=True) / probe.norm(dim=-1, keepdim=True))
+
+    def add_probe(_: str, h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        h[local, g.edit_cols] = h[local, g.edit_cols] + probe.to(h.dtype)
+        return h
+
+    with Trace(model, [edited], edit_output=add_probe):
+        probed = replay.hidden_out(replay.start)
+    expected = base.index_put((local, g.edit_cols), probe.to(base.dtype), accumulate=True)
+    err = float((probed.float() - expected.float()).abs().max())
+    tol = replay_tolerance(base.dtype) * (1.0 + float(expected.abs().max()))
+    if err <= tol:
+        return base
+    logger.info("v*: %s's output does not reach its block's output unchanged (max |Δ| %.3g); "
+                "re-running the edited block every step", edited, err)
+    return None
 
 
 def _replay(model, adapter, layer, loss_layer, inputs, check_at, prefix
@@ -384,7 +470,13 @@ def _optimise(model, adapter, hp: ValueHyperParams, rows: _Rows, groups: list[_G
                 Trace(model, [edited], edit_output=add_delta, detach=False):
             for g in groups:
                 current[:] = [g]
-                if g.replay is not None:
+                if g.base is not None:  # edit_block_once: δ onto the stored block output
+                    local = torch.arange(g.rows.shape[0], device=device)
+                    hidden = g.base.index_put((local, g.edit_cols),
+                                              delta[g.delta_index].to(g.base.dtype),
+                                              accumulate=True)
+                    parts.append(g.replay(g.read_at, first=g.replay.start + 1, hidden=hidden))
+                elif g.replay is not None:
                     parts.append(g.replay(g.read_at))
                 else:
                     parts.append(_full_logits(model, adapter, g, loss_layer))
