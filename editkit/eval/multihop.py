@@ -843,6 +843,8 @@ def _evaluate(editor_or_method: Any, model: nn.Module | None, tokenizer: Tokeniz
                 raise
             row.update(error=f"{type(exc).__name__}: {exc}", values={})
             rows.append(row)
+            if on_record is not None:
+                on_record(row)
             continue
         try:
             post = scorer(model, tokenizer, [rec])[0]
