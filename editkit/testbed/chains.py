@@ -611,44 +611,67 @@ def chain_world_package_dir() -> Path:
     return Path(__file__).resolve().parent / "data" / "chain_world"
 
 
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _is_valid_dir(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` holds a complete saved model with this ``world_fingerprint``."""
+    from editkit.testbed.train import META_FILE
+
+    if not all((path / name).is_file() for name in (*_REQUIRED_FILES, META_FILE)):
+        return False
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return meta.get("world_fingerprint") == fingerprint
+
+
 def chain_world_dir(world: ChainWorld | None = None, settings: Any = None) -> Path:
     """Where the model of (``world``, ``settings``) is: the shipped directory if its
-    fingerprint matches, else ``<cache>/fact_world/<fingerprint[:16]>``."""
-    from editkit.testbed import cache_dir, is_valid_model_dir
+    fingerprint matches, else ``<cache>/fact_world/<fingerprint[:16]>`` (the cache root of
+    :func:`editkit.stats.default_cache_dir`; it may not exist yet)."""
+    from editkit.stats import default_cache_dir
     from editkit.testbed.train import world_fingerprint
 
     world = world if world is not None else ChainWorld()
     settings = settings if settings is not None else chain_train_settings()
     fp = world_fingerprint(world, settings)
     shipped = chain_world_package_dir()
-    if is_valid_model_dir(shipped, fp):
+    if _is_valid_dir(shipped, fp):
         return shipped
-    return cache_dir() / "fact_world" / fp[:16]
+    return default_cache_dir() / "fact_world" / fp[:16]
 
 
 def load_chain_world(device: str = "cpu", train_if_missing: bool = True, *,
                      world: ChainWorld | None = None, settings: Any = None,
                      padding_side: str | None = None) -> tuple[Any, Any]:
-    """Load the chain-world GPT-2 and its tokenizer (shipped package data, else the cache,
-    else trained into the cache); arguments as :func:`editkit.testbed.load_fact_world`."""
+    """Load the chain-world GPT-2 and its tokenizer: the shipped package data
+    ``editkit/testbed/data/chain_world/`` when its fingerprint matches, else the cache, else
+    trained into the cache (a few CPU minutes); arguments as
+    :func:`editkit.testbed.load_fact_world`."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from editkit.testbed import is_valid_model_dir, load_fact_world
-    from editkit.testbed.train import mark_fact_world, world_fingerprint
+    from editkit.testbed.train import mark_fact_world, train_fact_world, world_fingerprint
 
     world = world if world is not None else ChainWorld()
     settings = settings if settings is not None else chain_train_settings()
     fp = world_fingerprint(world, settings)
-    shipped = chain_world_package_dir()
-    if not is_valid_model_dir(shipped, fp):
-        return load_fact_world(device, train_if_missing, world=world, settings=settings,
-                               padding_side=padding_side)
-    tokenizer = AutoTokenizer.from_pretrained(shipped)
+    path = chain_world_dir(world, settings)
+    if not _is_valid_dir(path, fp):
+        if not train_if_missing:
+            raise FileNotFoundError(
+                f"no chain-world model with fingerprint {fp[:16]} in "
+                f"{chain_world_package_dir()} or {path}; call "
+                "load_chain_world(train_if_missing=True) or run scripts/build_chain_world.py")
+        logger.warning("training the chain-world model into %s (a few minutes on CPU)", path)
+        train_fact_world(path, world=world, seed=settings.seed, settings=settings)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if padding_side is not None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         tokenizer.padding_side = padding_side
-    model = GPT2LMHeadModel.from_pretrained(shipped).float().to(device).eval()
+    model = GPT2LMHeadModel.from_pretrained(path).float().to(device).eval()
     mark_fact_world(model, fp)
     return model, tokenizer
 
