@@ -365,3 +365,36 @@ def test_evaluate_multihop_scores_and_restores_the_model(gpt2_and_tok):
     assert port.summary()["all"]["portability"]["n"] == 2
     with pytest.raises(EditkitError, match="not a mquake one"):
         evaluate_multihop("ft", model, tok, recs, metrics=["ES"], progress=False)
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_eval_task_mquake_and_refusals(tmp_path, bytelevel_tokenizer):
+    from badinput import assert_cli_refused, run_cli
+    from conftest import tiny_model
+
+    model_dir = tmp_path / "m"
+    tiny_model("gpt2", len(bytelevel_tokenizer)).save_pretrained(model_dir)
+    bytelevel_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "mq.json"
+    data.write_text(json.dumps([
+        _toy_record(0, "The Eiffel Tower", "Rome", "Paris", ("France", "Italy")),
+        _toy_record(1, "The Colosseum", "Paris", "Rome", ("Italy", "France"))]))
+    out = tmp_path / "res"
+    code, stdout, stderr = run_cli(
+        ["eval", "--task", "mquake", "--model", str(model_dir), "--method", "ft",
+         "--data", str(data), "--hparams", '{"layer": 1, "num_steps": 3}', "--no-progress",
+         "--out", str(out)])
+    assert code == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["kind"] == "mquake" and len(results["rows"]) == 2
+    assert "multihop_cloze" in (out / "report.md").read_text() and "edit_success" in stdout
+    base = ["eval", "--model", str(model_dir), "--method", "ft", "--data", str(data),
+            "--out", str(tmp_path / "x")]
+    assert_cli_refused([*base, "--task", "mquak"], status=2, mentions=["mquak", "mquake"])
+    assert_cli_refused([*base, "--task", "mquake", "--protocol", "batch"], status=2,
+                       mentions=["--protocol"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"case_id": 3, "questions": ["q"]}]))
+    assert_cli_refused(["eval", "--task", "mquake", "--model", str(model_dir), "--method",
+                        "ft", "--data", str(bad), "--out", str(tmp_path / "y")], status=2,
+                       mentions=["case_id 3", "requested_rewrite"])

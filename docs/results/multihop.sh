@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Regenerates docs/results/multihop.md's runs: the chain-world model and records, the SmolLM2
+# two-hop records, and single-hop vs multi-hop success per method with the edit on the first
+# or the second hop (benchmarks/multihop.py). Each run appends one JSON line per record to
+# docs/results/multihop/<model>/<method>.jsonl (a rerun skips records already there; delete
+# the directory for a fresh run) and rewrites summary.json / summary.md there.
+set -euo pipefail
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more threads than free cores is far slower
+OUT=docs/results/multihop
+N=${N:-60}          # chain-world records per edited hop
+N_SMOL=${N_SMOL:-40}  # SmolLM2 records per edited hop
+# 1. the shipped chain-world model (skip if editkit/testbed/data/chain_world is current)
+[ "${REBUILD:-0}" = 1 ] && python scripts/build_chain_world.py
+[ "${REBUILD:-0}" = 1 ] && python scripts/build_two_hop.py
+# 2. the chain world: FT+L, ROME, MEMIT, AlphaEdit
+python benchmarks/multihop.py --model chainworld --methods ft_l,rome,memit,alphaedit \
+  --n "$N" --out "$OUT/chainworld"
+# 3. SmolLM2-135M: ROME (and the others if time allows: METHODS=ft_l,rome,memit)
+python benchmarks/multihop.py --model smollm2 --methods "${METHODS:-rome}" --n "$N_SMOL" \
+  --no-generation --out "$OUT/smollm2"
