@@ -61,9 +61,8 @@ def load(model_name: str, n: int, seed: int) -> tuple[Any, Any, list[Any]]:
                                           edit_hops=[hop])
         model, tok = load_chain_world()
     elif model_name == "smollm2":
+        from editkit.testbed.smollm2 import load_smollm2
         from editkit.testbed.two_hop import two_hop_records
-
-        from editkit.testbed import load_smollm2
 
         raw = []
         for hop in (1, 2):

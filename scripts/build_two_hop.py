@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from editkit.testbed import load_smollm2
+    from editkit.testbed.smollm2 import load_smollm2
     from editkit.testbed.train import score_candidates
     from editkit.testbed.two_hop import two_hop_dir
 
