@@ -398,3 +398,27 @@ def test_cli_eval_task_mquake_and_refusals(tmp_path, bytelevel_tokenizer):
     assert_cli_refused(["eval", "--task", "mquake", "--model", str(model_dir), "--method",
                         "ft", "--data", str(bad), "--out", str(tmp_path / "y")], status=2,
                        mentions=["case_id 3", "requested_rewrite"])
+
+
+# ---------------------------------------------------------------- quality (chain world)
+@pytest.fixture(scope="module")
+def chain_model():
+    from editkit.testbed import load_chain_world
+
+    torch.set_num_threads(1)
+    return load_chain_world(train_if_missing=False)
+
+
+@pytest.mark.slow
+def test_shipped_chain_world_model_knows_every_hop(chain_model, world):
+    from editkit.testbed import chain_recall, chain_world_dir
+
+    assert chain_world_dir().name == "chain_world"  # the shipped package data is current
+    recall = chain_recall(*chain_model, world)
+    for rel in ("birthplace", "employer", "sport", "country", "headquarters"):
+        assert recall[f"hop_{rel}"] >= 0.95, recall
+    for ch in world.chains:
+        assert recall[f"chain_{ch.name}_seen"] >= 0.95, recall
+        # the compositions held out of the corpus are known far less often (measured, not
+        # assumed: docs/results/multihop.md)
+        assert recall[f"chain_{ch.name}_held_out"] < recall[f"chain_{ch.name}_seen"] - 0.3
