@@ -48,7 +48,8 @@ def hparams_for(method: str, model: Any, chain_world: bool) -> dict[str, Any]:
     return hp
 
 
-def load(model_name: str, n: int, seed: int) -> tuple[Any, Any, list[Any]]:
+def load(model_name: str, n: int, seed: int, chains: list[str] | None = None,
+         hops: tuple[int, ...] = (1, 2)) -> tuple[Any, Any, list[Any]]:
     from editkit.eval.multihop import load_mquake
 
     if model_name == "chainworld":
@@ -56,8 +57,9 @@ def load(model_name: str, n: int, seed: int) -> tuple[Any, Any, list[Any]]:
 
         world = ChainWorld()
         raw = []
-        for hop in (1, 2):
-            raw += world.multihop_records(n, seed, chains=["birth_country", "employer_city"],
+        for hop in hops:
+            raw += world.multihop_records(n, seed,
+                                          chains=chains or ["birth_country", "employer_city"],
                                           edit_hops=[hop])
         model, tok = load_chain_world()
     elif model_name == "smollm2":
@@ -65,9 +67,8 @@ def load(model_name: str, n: int, seed: int) -> tuple[Any, Any, list[Any]]:
         from editkit.testbed.two_hop import two_hop_records
 
         raw = []
-        for hop in (1, 2):
-            recs = [r for r in two_hop_records(edit_hop=hop)]
-            raw += recs[:n]
+        for hop in hops:
+            raw += two_hop_records(n, edit_hop=hop)
         model, tok = load_smollm2()
     else:
         raise SystemExit(f"--model must be chainworld or smollm2, got {model_name!r}")
@@ -77,6 +78,22 @@ def load(model_name: str, n: int, seed: int) -> tuple[Any, Any, list[Any]]:
 def known(values: dict[str, Any]) -> bool:
     """The unedited model knew every hop and preferred the old multi-hop answer."""
     return values.get("hop_acc_pre") == 1.0 and values.get("multihop_cloze_pre") == 1.0
+
+
+#: Record subsets of the summary: all; those whose chain the unedited model knew; on the
+#: chain world, the people whose chain sentences were / were not in the training corpus.
+SUBSETS = {
+    "all": lambda r: True,
+    "known": lambda r: known(r["values"]),
+    "composition_seen": lambda r: r["labels"].get("composition_seen") is True,
+    "composition_held_out": lambda r: r["labels"].get("composition_seen") is False,
+}
+TITLES = {
+    "all": "all records",
+    "known": "records whose chain the unedited model knew (every hop and the multi-hop answer)",
+    "composition_seen": "chain world: people whose chain sentences were in the corpus",
+    "composition_held_out": "chain world: people whose chain sentences were held out",
+}
 
 
 def summarize(out: Path, methods: list[str]) -> dict[str, Any]:
@@ -89,12 +106,13 @@ def summarize(out: Path, methods: list[str]) -> dict[str, Any]:
             continue
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if not r.get("error")]
-        for subset in ("all", "known"):
-            for hop in ("1", "2"):
-                sel = [r for r in rows if str(r["labels"].get("edit_hop")) == hop
-                       and (subset == "all" or known(r["values"]))]
-                summary.setdefault(method, {}).setdefault(subset, {})[hop] = {
-                    m: mean_ci([r["values"].get(m) for r in sel]) for m in METRICS}
+        hops = sorted({str(r["labels"].get("edit_hop")) for r in rows})
+        for subset, keep in SUBSETS.items():
+            for hop in hops:
+                sel = [r for r in rows if str(r["labels"].get("edit_hop")) == hop and keep(r)]
+                if sel:
+                    summary.setdefault(method, {}).setdefault(subset, {})[hop] = {
+                        m: mean_ci([r["values"].get(m) for r in sel]) for m in METRICS}
     return summary
 
 
@@ -107,13 +125,14 @@ def markdown(summary: dict[str, Any]) -> str:
         return f"{v['mean']:.2f} ± {v['ci95']:.2f}"
 
     lines = []
-    for subset, title in (("all", "all records"),
-                          ("known", "records whose chain the unedited model knew")):
+    for subset, title in TITLES.items():
+        if not any(subset in by for by in summary.values()):
+            continue
         lines += [f"### {title}", "",
                   "| method | edited hop | n | " + " | ".join(METRICS) + " |",
                   "|" + "---|" * (len(METRICS) + 3)]
         for method, by in summary.items():
-            for hop, ms in by[subset].items():
+            for hop, ms in by.get(subset, {}).items():
                 n = max(v["n"] for v in ms.values())
                 lines.append(f"| {method} | {hop} | {n} | "
                              + " | ".join(cell(ms[m]) for m in METRICS) + " |")
@@ -127,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="chainworld", choices=("chainworld", "smollm2"))
     p.add_argument("--methods", default="ft_l,rome,memit,alphaedit")
     p.add_argument("--n", type=int, default=60, help="records per edited hop")
+    p.add_argument("--chains", default=None,
+                   help="chain-world chains (default birth_country,employer_city)")
+    p.add_argument("--hops", default="1,2", help="edited hops (default 1,2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-generation", action="store_true",
@@ -142,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
-    model, tok, records = load(args.model, args.n, args.seed)
+    chains = args.chains.split(",") if args.chains else None
+    hops = tuple(int(h) for h in args.hops.split(","))
+    model, tok, records = load(args.model, args.n, args.seed, chains, hops)
     for method in methods:
         path = args.out / f"{method}.jsonl"
         done = set()
