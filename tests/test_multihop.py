@@ -113,6 +113,10 @@ def test_multihop_records_are_exact_by_construction(world):
         rr = rec["requested_rewrite"][0]
         assert rr["subject"] == s and rr["target_true"]["str"] == walk[k].object
         assert all(o["person"] in q for q in rec["questions"])
+        # no single-hop cloze is the start of a multi-hop question (greedy decoding after it
+        # must be able to give the hop's answer)
+        for h in (*rec["single_hops"], *rec["new_single_hops"]):
+            assert not any(q.startswith(h["cloze"]) for q in rec["questions"])
 
 
 def test_compositions_are_in_the_corpus_only_for_the_composition_train_people(world):

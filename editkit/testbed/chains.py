@@ -481,8 +481,19 @@ class ChainWorld(FactWorld):
         self._multihop_cache = records
         return records
 
+    def hop_template(self, relation: str) -> str:
+        """The cloze template of a single hop: the relation's first training template that no
+        chain template extends (``"{} was born in"`` is the start of ``"{} was born in a city
+        in the country of"``, so after it greedy decoding may rightly continue with " a"
+        for a person whose chain sentences were trained on)."""
+        chain_templates = [t for ch in self.chains for t in ch.templates]
+        for t in self.relation(relation).templates:
+            if not any(c.startswith(t) for c in chain_templates):
+                return t
+        raise ValueError(f"every template of {relation!r} starts a chain template")
+
     def _hop_entry(self, rng: random.Random, fact: Fact) -> dict[str, Any]:
-        cloze = self.relation(fact.relation).templates[0].format(fact.subject)
+        cloze = self.hop_template(fact.relation).format(fact.subject)
         return {"question": cloze, "cloze": cloze, "answer": fact.object, "answer_alias": []}
 
     def _multihop_record(self, rng: random.Random, case_id: int, person: str, ch: Chain,
@@ -505,7 +516,7 @@ class ChainWorld(FactWorld):
                 "subject": edited.subject,
                 "target_new": {"str": new, "id": f"{edited.relation}:{new}"},
                 "target_true": {"str": edited.object, "id": f"{edited.relation}:{edited.object}"},
-                "question": rel.templates[0].format(edited.subject),
+                "question": self.hop_template(edited.relation).format(edited.subject),
             }],
             "questions": [t.format(person) for t in ch.templates],
             "answer": walk[-1].object,
