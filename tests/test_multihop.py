@@ -426,3 +426,22 @@ def test_shipped_chain_world_model_knows_every_hop(chain_model, world):
         # the compositions held out of the corpus are known far less often (measured, not
         # assumed: docs/results/multihop.md)
         assert recall[f"chain_{ch.name}_held_out"] < recall[f"chain_{ch.name}_seen"] - 0.3
+
+
+@pytest.mark.slow
+def test_rome_bridge_edits_hold_but_do_not_reach_memorised_compositions(chain_model, world):
+    """MQuAKE's finding on the chain world: ROME's edit of the bridge entity's fact (a city's
+    country, a company's headquarters) holds, yet the multi-hop questions of people whose
+    chain sentences were memorised keep the old answer (docs/results/multihop.md: 0/47)."""
+    from editkit.methods.rome import ROME
+    from editkit.testbed.presets import ROME_FACT_WORLD
+
+    model, tok = chain_model
+    records = world.multihop_records(8, seed=1, chains=["birth_country", "employer_city"],
+                                     edit_hops=[2], subjects="composition_seen")
+    editor = ROME(model, tok, hparams={**ROME_FACT_WORLD, "mom2_dataset": "chain_world"})
+    report = evaluate_multihop(editor, records=records, progress=False, generation=False)
+    summary = report.summary()["all"]
+    assert summary["multihop_cloze_pre"]["mean"] == 1.0  # the chains were known before
+    assert summary["edit_success"]["mean"] >= 0.75
+    assert summary["multihop_cloze"]["mean"] <= 0.25
