@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: {len(todo)} records in {time.perf_counter() - t0:.0f} s",
               flush=True)
         (args.out / f"{method}.hparams.json").write_text(json.dumps(hp, indent=1) + "\n")
-    summary = summarize(args.out, methods)
+    # the summary covers every method with results in --out (earlier runs included)
+    order = ["ft", "ft_l", "rome", "memit", "alphaedit"]
+    present = sorted((p.stem for p in args.out.glob("*.jsonl")),
+                     key=lambda m: (order.index(m) if m in order else len(order), m))
+    summary = summarize(args.out, present)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     md = markdown(summary)
     (args.out / "summary.md").write_text(md)
