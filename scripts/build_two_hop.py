@@ -80,6 +80,22 @@ CITY_COUNTRY = {
     "St. Petersburg": "Russia", "Edinburgh": "Scotland", "Salzburg": "Austria",
     "Kolkata": "India", "Cairo": "Egypt", "Warsaw": "Poland", "Budapest": "Hungary",
 }
+#: More cities for the city → country → capital chains (the kind the model knows best).
+EXTRA_CITIES = {
+    "Nice": "France", "Bordeaux": "France", "Lille": "France", "Strasbourg": "France",
+    "Cologne": "Germany", "Dresden": "Germany", "Leipzig": "Germany", "Düsseldorf": "Germany",
+    "Bologna": "Italy", "Genoa": "Italy", "Palermo": "Italy", "Valencia": "Spain",
+    "Bilbao": "Spain", "Malaga": "Spain", "Yokohama": "Japan", "Nagoya": "Japan",
+    "Sapporo": "Japan", "Hiroshima": "Japan", "Guangzhou": "China", "Shenzhen": "China",
+    "Chengdu": "China", "Vancouver": "Canada", "Calgary": "Canada", "Brisbane": "Australia",
+    "Perth": "Australia", "Adelaide": "Australia", "Kazan": "Russia", "Bangalore": "India",
+    "Chennai": "India", "Hyderabad": "India", "Boston": "United States",
+    "Houston": "United States", "Miami": "United States", "Liverpool": "England",
+    "Birmingham": "England", "Gdansk": "Poland", "Utrecht": "the Netherlands",
+    "Malmo": "Sweden", "Sao Paulo": "Brazil", "Monterrey": "Mexico", "Izmir": "Turkey",
+    "Luxor": "Egypt", "Basel": "Switzerland",
+}
+CITY_COUNTRY.update(EXTRA_CITIES)
 #: country → capital (the second hop of the third kind).
 CAPITAL = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid",
@@ -144,7 +160,7 @@ CITIES_FOR_CAPITAL = [
     "St. Petersburg", "Mumbai", "Kolkata", "Manchester", "Chicago", "Los Angeles", "Krakow",
     "Porto", "Rotterdam", "Zurich", "Geneva", "Gothenburg", "Bergen", "Alexandria",
     "Auckland", "Busan", "Casablanca", "Guadalajara", "Salzburg", "Rio de Janeiro",
-    "Florence", "Venice", "Frankfurt", "Stuttgart",
+    "Florence", "Venice", "Frankfurt", "Stuttgart", *EXTRA_CITIES,
 ]
 
 

@@ -445,3 +445,24 @@ def test_rome_bridge_edits_hold_but_do_not_reach_memorised_compositions(chain_mo
     assert summary["multihop_cloze_pre"]["mean"] == 1.0  # the chains were known before
     assert summary["edit_success"]["mean"] >= 0.75
     assert summary["multihop_cloze"]["mean"] <= 0.25
+
+
+def test_shipped_smollm2_two_hop_records():
+    from editkit.testbed.two_hop import two_hop_meta, two_hop_records
+
+    meta = two_hop_meta()
+    raw = two_hop_records()
+    records = load_mquake("twohop")
+    assert len(records) == len(raw) == meta["records"] == 2 * meta["chains_kept"]
+    assert meta["chains_kept"] >= 40
+    for hop in (1, 2):
+        recs = load_mquake(two_hop_records(edit_hop=hop))
+        assert len(recs) == meta["chains_kept"]
+        for r in recs:
+            assert r.new_answer != r.answer and len(r.questions) == 3
+            assert len(r.single_hops) == len(r.new_single_hops) == 2
+            # the edit rewrites hop ``hop``: its subject is the first hop's subject or the bridge
+            edited = r.requests[0]
+            assert edited.target_true == r.single_hops[hop - 1].answer
+            assert edited.target_new == r.new_single_hops[hop - 1].answer
+    assert len(load_portability("twohop", n=4)) == 4
