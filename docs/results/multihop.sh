@@ -8,13 +8,16 @@ set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more threads than free cores is far slower
 OUT=docs/results/multihop
 N=${N:-60}          # chain-world records per edited hop
-N_SMOL=${N_SMOL:-40}  # SmolLM2 records per edited hop
+N_SMOL=${N_SMOL:-20}  # SmolLM2 records per edited hop (the first N_SMOL chains)
 # 1. the shipped chain-world model (skip if editkit/testbed/data/chain_world is current)
 [ "${REBUILD:-0}" = 1 ] && python scripts/build_chain_world.py
 [ "${REBUILD:-0}" = 1 ] && python scripts/build_two_hop.py
 # 2. the chain world: FT+L, ROME, MEMIT, AlphaEdit
-python benchmarks/multihop.py --model chainworld --methods ft_l,rome,memit,alphaedit \
+python benchmarks/multihop.py --model chainworld --methods ft,ft_l,rome,memit,alphaedit \
   --n "$N" --out "$OUT/chainworld"
-# 3. SmolLM2-135M: ROME (and the others if time allows: METHODS=ft_l,rome,memit)
+# 2b. three hops (employer_country), ROME, edits at hop 1, 2 and 3
+python benchmarks/multihop.py --model chainworld --methods rome --chains employer_country \
+  --hops 1,2,3 --n 30 --out "$OUT/chainworld_3hop"
+# 3. SmolLM2-135M: ROME (≈ 1 min per edit on a loaded CPU; METHODS=ft_l,rome,memit for more)
 python benchmarks/multihop.py --model smollm2 --methods "${METHODS:-rome}" --n "$N_SMOL" \
-  --no-generation --out "$OUT/smollm2"
+  --out "$OUT/smollm2"
