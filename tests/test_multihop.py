@@ -466,3 +466,17 @@ def test_shipped_smollm2_two_hop_records():
             assert edited.target_true == r.single_hops[hop - 1].answer
             assert edited.target_new == r.new_single_hops[hop - 1].answer
     assert len(load_portability("twohop", n=4)) == 4
+
+
+def test_shipped_chain_world_is_current_small_and_safe():
+    from editkit.testbed import chain_world_dir
+    from editkit.testbed.chains import chain_world_package_dir
+
+    shipped = chain_world_package_dir()
+    files = [p for p in shipped.rglob("*") if p.is_file()]
+    assert {"model.safetensors", "tokenizer.json", "fact_world.json"} <= {p.name for p in files}
+    assert sum(p.stat().st_size for p in files) < 10 * 1024 * 1024
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".pth", ".pickle")]
+    assert chain_world_dir() == shipped, "stale: rerun scripts/build_chain_world.py"
+    meta = json.loads((shipped / "fact_world.json").read_text())
+    assert min(v for k, v in meta["chain_metrics"].items() if k.startswith("hop_")) >= 0.95
