@@ -66,9 +66,9 @@ def load(model_name: str, n: int, seed: int, chains: list[str] | None = None,
         from editkit.testbed.smollm2 import load_smollm2
         from editkit.testbed.two_hop import two_hop_records
 
-        raw = []
-        for hop in hops:
-            raw += two_hop_records(n, edit_hop=hop)
+        # interleaved (chain 1 hop 1, chain 1 hop 2, ...): a run cut short stays balanced
+        per_hop = [two_hop_records(n, edit_hop=hop) for hop in hops]
+        raw = [r for group in zip(*per_hop, strict=True) for r in group]
         model, tok = load_smollm2()
     else:
         raise SystemExit(f"--model must be chainworld or smollm2, got {model_name!r}")
