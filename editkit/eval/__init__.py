@@ -12,7 +12,14 @@ log-probabilities to ES / PS / NS / EM / PM / NM, :func:`harmonic_mean` gives S,
 for fewer); :func:`edit_success` / :func:`edit_quality` score requests and editors with
 them. :func:`read_json_records` (from :mod:`editkit.jsonio`) reads every record file.
 
-See docs/evaluation.md for the metric definitions and protocols.
+Composite facts: :func:`load_mquake` / :func:`load_portability` read MQuAKE and KnowEdit
+portability records and :func:`evaluate_multihop` / :func:`evaluate_portability` score
+edit-wise, multi-hop, hop-wise and portability metrics (:mod:`editkit.eval.multihop`);
+:data:`TASKS` maps task names (counterfact, zsre, mquake, portability, plugins through the
+``editkit.eval_tasks`` entry-point group) to their loader and evaluator.
+
+See docs/evaluation.md for the metric definitions and protocols, docs/results/multihop.md for
+the multi-hop measurements.
 """
 
 from __future__ import annotations
