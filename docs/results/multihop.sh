@@ -21,3 +21,9 @@ python benchmarks/multihop.py --model chainworld --methods rome --chains employe
 # 3. SmolLM2-135M: ROME (≈ 1 min per edit on a loaded CPU; METHODS=ft_l,rome,memit for more)
 python benchmarks/multihop.py --model smollm2 --methods "${METHODS:-rome}" --n "$N_SMOL" \
   --out "$OUT/smollm2"
+# 4. the EasyEdit portability view of ROME on the chain world (editkit eval --task portability)
+HP=$(python -c "import json; from editkit.testbed.presets import ROME_FACT_WORLD as R; \
+print(json.dumps({**R, 'mom2_dataset': 'chain_world'}))")
+python -m editkit eval --task portability --model editkit/testbed/data/chain_world \
+  --method rome --data chainworld --n 40 --seed 0 --hparams "$HP" --no-progress --no-raw \
+  --out "$OUT/chainworld_portability_rome"
