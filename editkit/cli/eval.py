@@ -52,6 +52,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--data", required=True,
                    help="'factworld', 'realfacts' (real facts SmolLM2 knows), a CounterFact/zsRE "
                         ".json or .jsonl file, or hub:<name>")
+    p.add_argument("--task", default=None,
+                   help="a registered evaluation task other than CounterFact / zsRE: mquake "
+                        "(multi-hop) or portability (KnowEdit); see editkit.eval.list_tasks()")
     p.add_argument("--format", default="auto", choices=("auto", "counterfact", "zsre"),
                    help="record format (default: detected from the first record)")
     p.add_argument("--split", default=None, help="hub split (default train)")
@@ -102,6 +105,10 @@ def _check(args: argparse.Namespace) -> None:
     """Every option before the dataset and the model are loaded."""
     check_method(args.method)
     check_model(args.model)
+    if args.task is not None:
+        from editkit.cli._eval_task import check_task
+
+        check_task(args)
     check_device(args.device)
     for flag, value, minimum in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
                                  ("--max-new-tokens", args.max_new_tokens, 0),
@@ -139,6 +146,10 @@ def _run(args: argparse.Namespace) -> int:
     hparams = _hparams(args.hparams)
     if hparams is not None:
         check_overrides(args.method, hparams, "--hparams")
+    if args.task not in (None, "counterfact", "zsre"):
+        from editkit.cli._eval_task import run_task
+
+        return run_task(args, hparams)
     references = ReferenceTable.from_files(args.idf, args.references) if args.idf else None
     checkpoints = None
     if args.checkpoints:

@@ -12,7 +12,14 @@ log-probabilities to ES / PS / NS / EM / PM / NM, :func:`harmonic_mean` gives S,
 for fewer); :func:`edit_success` / :func:`edit_quality` score requests and editors with
 them. :func:`read_json_records` (from :mod:`editkit.jsonio`) reads every record file.
 
-See docs/evaluation.md for the metric definitions and protocols.
+Composite facts: :func:`load_mquake` / :func:`load_portability` read MQuAKE and KnowEdit
+portability records and :func:`evaluate_multihop` / :func:`evaluate_portability` score
+edit-wise, multi-hop, hop-wise and portability metrics (:mod:`editkit.eval.multihop`);
+:data:`TASKS` maps task names (counterfact, zsre, mquake, portability, plugins through the
+``editkit.eval_tasks`` entry-point group) to their loader and evaluator.
+
+See docs/evaluation.md for the metric definitions and protocols, docs/results/multihop.md for
+the multi-hop measurements.
 """
 
 from __future__ import annotations
@@ -49,11 +56,26 @@ from editkit.eval.metrics import (
     text_entropy,
     tfidf_cosine,
 )
+from editkit.eval.multihop import (
+    Hop,
+    MultiHopRecord,
+    MultiHopReport,
+    PortabilityRecord,
+    Probe,
+    answer_matches,
+    evaluate_multihop,
+    evaluate_portability,
+    load_mquake,
+    load_portability,
+    parse_mquake,
+    parse_portability,
+)
 from editkit.eval.plots import plot_retention
 from editkit.eval.quality import edit_quality, edit_success, request_logprobs
 from editkit.eval.report import Report, compare
 from editkit.eval.runner import PROTOCOLS, default_checkpoints, evaluate
 from editkit.eval.scoring import score_records, score_rows
+from editkit.eval.tasks import TASKS, Task, UnknownTaskError, get_task, list_tasks
 from editkit.jsonio import iter_jsonl, read_json_records
 
 __all__ = [
@@ -66,4 +88,9 @@ __all__ = [
     "ngram_entropy", "parse_counterfact", "parse_records", "parse_zsre", "plot_retention",
     "read_json_records", "request_logprobs", "score_records", "score_rows",
     "select_neighborhood", "text_entropy", "tfidf_cosine",
+    # composite (multi-hop) facts and the task registry
+    "TASKS", "Hop", "MultiHopRecord", "MultiHopReport", "PortabilityRecord", "Probe", "Task",
+    "UnknownTaskError", "answer_matches", "evaluate_multihop", "evaluate_portability",
+    "get_task", "list_tasks", "load_mquake", "load_portability", "parse_mquake",
+    "parse_portability",
 ]

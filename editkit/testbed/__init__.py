@@ -28,6 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from editkit.stats import default_cache_dir
+from editkit.testbed.chains import (
+    CHAINS,
+    Chain,
+    ChainWorld,
+    chain_recall,
+    chain_world_dir,
+    load_chain_world,
+    register_chain_text_source,
+)
 from editkit.testbed.presets import is_fact_world_model
 from editkit.testbed.presets import register as _register_presets
 from editkit.testbed.real_facts import real_facts, real_facts_meta, real_facts_path
@@ -46,17 +55,23 @@ from editkit.testbed.world import FILLER_SENTENCES, RELATIONS, Fact, FactWorld, 
 _register_presets()
 
 __all__ = [
+    "CHAINS",
     "FILLER_SENTENCES",
     "RELATIONS",
+    "Chain",
+    "ChainWorld",
     "Fact",
     "FactWorld",
     "Relation",
     "TrainSettings",
     "cache_dir",
+    "chain_recall",
+    "chain_world_dir",
     "fact_recall",
     "fact_world_dir",
     "is_fact_world_model",
     "is_valid_model_dir",
+    "load_chain_world",
     "load_fact_world",
     "package_data_dir",
     "real_facts",
@@ -70,6 +85,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 register_text_sources()
+register_chain_text_source()
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", META_FILE)
 
