@@ -178,11 +178,21 @@ def test_pattern_extractor_on_shipped_passages_is_precise():
     scores = [extraction_scores(PatternExtractor()(r.passage).triples, r.triples) for r in recs]
     assert all(s["precision"] == 1.0 for s in scores if s["precision"] is not None)
     # Template sentences are all found; the free forms (one fact in five) are not.
-    for r, s in zip(recs, scores, strict=True):
-        n_template = sum(1 for t in r.triples if True)
-        assert s["n_correct"] <= n_template
+    for r, s in zip(recs, scores, strict=True):  # every template sentence is found
+        forms = json.loads(json.dumps([t for t in _raw(r.id)["triples"]]))
+        assert s["n_correct"] >= sum(1 for t in forms if t["form"] != "free")
     recall = sum(s["recall"] for s in scores) / len(scores)
     assert 0.6 < recall < 1.0
+
+
+def _raw(pid):
+    from editkit.passages.evaluate import passages_path
+
+    for line in passages_path("factworld").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec["id"] == pid:
+            return rec
+    raise KeyError(pid)
 
 
 def test_check_triple_errors_are_typed():
@@ -261,10 +271,10 @@ def test_incorporate_builds_requests_and_reverts_exactly(gpt2_and_tok):
     triples = [Triple("Eiffel Tower", "located in", "Rome", old="Paris"),
                Triple("LeBron James", "P641", "football")]
     result = incorporate(model, tok, TINY_PASSAGE, triples, method="ft", hparams=_ft())
-    assert [r.prompt for r in result.requests] == ["{} is located in",
-                                                  "{} professionally plays the sport of"]
+    assert [r.prompt for r in result.requests] == ["{} is located in the city of",
+                                                  "{} plays the sport of"]
     assert result.requests[0].target_true == "Paris"
-    assert result.requests[1].paraphrases == ("LeBron James plays the sport of",)
+    assert result.requests[1].paraphrases == ("LeBron James professionally plays the sport of",)
     assert len(result.edits) == 2  # FT edits one request at a time
     assert not state_equal(model, base)
     result.revert()
