@@ -459,3 +459,28 @@ def test_cli_incorporates_a_fact_world_passage(tmp_path):
     assert "rejected 2 line(s)" in out and "switched to the oboe" in out
     assert "request: '{} works for'" in out and "after" in out
     assert save.is_file()
+
+
+# ------------------------------------------------------------------ quality (fact world)
+#: The setting that incorporates fact-world passages (docs/results/passages.md): ROME keyed on
+#: the prompt's last token at layer 2. Keyed on the subject (the preset), every fact of one
+#: subject shares one key and later edits overwrite earlier ones.
+ROME_LAST = {"fact_token": "last", "layer": 2,
+             "value": {"num_grad_steps": 20, "context_template_start": "words"}}
+
+
+@pytest.mark.slow
+def test_fact_world_passages_become_answerable():
+    from editkit.passages.evaluate import evaluate_passages
+    from editkit.testbed import load_fact_world
+
+    torch.set_num_threads(1)
+    model, tok = load_fact_world()
+    base = snapshot(model)
+    records = load_passages("factworld", n=8)
+    rows = evaluate_passages(model, tok, records, method="rome", hparams=ROME_LAST)
+    s = summarise(rows)
+    assert s["a_cloze"]["mean"] <= 0.1  # the passages' facts are new to the model
+    assert s["c_cloze"]["mean"] >= 0.8 and s["c_gen"]["mean"] >= 0.6
+    assert s["ns_after"]["mean"] >= 0.8
+    assert state_equal(model, base)  # every passage was reverted exactly
