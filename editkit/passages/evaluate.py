@@ -267,7 +267,13 @@ def evaluate_passage(model: nn.Module, tokenizer: TokenizerLike, record: Passage
     out["seconds"] = time.perf_counter() - start
     try:
         c = cloze_and_generation(model, tokenizer, record)
+        per_q = [len(q.prompts) for q in record.questions]
+        starts = np.cumsum([0, *per_q])
         out.update({"c_cloze": _mean(c["cloze"]), "c_gen": _mean(c["gen"]),
+                    # In the order the facts were edited (a sequential method edits the
+                    # passage's first triple first): does a later edit undo an earlier one?
+                    "c_cloze_by_fact": [_mean(c["cloze"][i:j]) for i, j in
+                                        zip(starts[:-1], starts[1:], strict=True)],
                     "ns_after": _mean(neighbourhood(model, tokenizer, record)),
                     "ge_after": generation_entropy(generate(
                         model, tokenizer, _generation_prompts(record), gen_cfg)),
