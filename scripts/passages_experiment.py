@@ -29,14 +29,14 @@ CONFIGS = {
     "rome": ("rome", None, None),
     # ROME keyed on the prompt's last token at layer 2 (the variant of docs/results/
     # factworld.md): one key per (subject, relation) prompt instead of one per subject.
-    "rome_last": ("rome", {"fact_token": "last", "layer": 2,
-                           "value": {"num_grad_steps": 20, "context_template_start": "words"}},
+    "rome_last": ("rome", {"layer": 2, "value": {"fact_token": "last", "num_grad_steps": 20,
+                                      "context_template_start": "words"}},
                   None),
     "memit": ("memit", None, None),
     "alphaedit": ("alphaedit", None, None),
-    "rome_last_pattern": ("rome", {"fact_token": "last", "layer": 2,
-                                   "value": {"num_grad_steps": 20,
-                                             "context_template_start": "words"}}, "pattern"),
+    "rome_last_pattern": ("rome", {"layer": 2, "value": {"fact_token": "last",
+                                              "num_grad_steps": 20,
+                                              "context_template_start": "words"}}, "pattern"),
     "memit_model": ("memit", None, "model"),
 }
 

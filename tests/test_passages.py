@@ -465,8 +465,8 @@ def test_cli_incorporates_a_fact_world_passage(tmp_path):
 #: The setting that incorporates fact-world passages (docs/results/passages.md): ROME keyed on
 #: the prompt's last token at layer 2. Keyed on the subject (the preset), every fact of one
 #: subject shares one key and later edits overwrite earlier ones.
-ROME_LAST = {"fact_token": "last", "layer": 2,
-             "value": {"num_grad_steps": 20, "context_template_start": "words"}}
+ROME_LAST = {"layer": 2, "value": {"fact_token": "last", "num_grad_steps": 20,
+                                   "context_template_start": "words"}}
 
 
 @pytest.mark.slow
@@ -477,7 +477,7 @@ def test_fact_world_passages_become_answerable():
     torch.set_num_threads(1)
     model, tok = load_fact_world()
     base = snapshot(model)
-    records = load_passages("factworld", n=8)
+    records = load_passages("factworld", n=6)
     rows = evaluate_passages(model, tok, records, method="rome", hparams=ROME_LAST)
     s = summarise(rows)
     assert s["a_cloze"]["mean"] <= 0.1  # the passages' facts are new to the model
