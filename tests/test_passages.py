@@ -443,21 +443,27 @@ def test_cli_refuses_unknown_relation_before_editing(tmp_path):
 def test_cli_incorporates_a_fact_world_passage(tmp_path):
     from badinput import run_cli
 
-    passage = _write(tmp_path, "p.txt", "The river runs past the old mill. Tilo Venbar works "
-                                        "for Helix. Lately Tilo Venbar has switched to the oboe.")
-    torch.manual_seed(0)
     from editkit.testbed import FactWorld
 
-    subject = FactWorld().eval_subjects[0]
-    text = open(passage, encoding="utf-8").read().replace("Tilo Venbar", subject)
-    open(passage, "w", encoding="utf-8").write(text)
+    world = FactWorld()
+    subject = world.eval_subjects[0]
+    old = world.object_of(subject, "employer")
+    new = "Helix" if old != "Helix" else "Zentrix"
+    passage = _write(tmp_path, "p.txt", f"The river runs past the old mill. {subject} works "
+                                        f"for {new}. Lately {subject} has switched to the oboe.")
+    questions = _write(tmp_path, "q.jsonl", json.dumps({
+        "subject": subject, "relation": "employer", "new": new, "old": old,
+        "prompts": [f"{subject} works for", f"The company that employs {subject} is"]}) + "\n")
     save = tmp_path / "patch.safetensors"
     code, out, err = run_cli(["incorporate", "--model", "factworld", "--passage", passage,
-                              "--method", "ft", "--save", str(save)])
+                              "--method", "ft", "--save", str(save), "--eval", questions])
     assert code == 0, err
-    assert f"({subject!r}, employer, 'Helix')" in out
+    assert f"({subject!r}, employer, {new!r})" in out
     assert "rejected 2 line(s)" in out and "switched to the oboe" in out
     assert "request: '{} works for'" in out and "after" in out
+    assert "(a) unedited" in out and "passage in context" in out
+    cloze = next(line for line in out.splitlines() if line.strip().startswith("cloze"))
+    assert cloze.split()[1] == "0%"  # the unedited model holds the old employer
     assert save.is_file()
 
 
