@@ -33,6 +33,11 @@ CONFIGS = {
                                       "context_template_start": "words"}},
                   None),
     "memit": ("memit", None, None),
+    # MEMIT keyed on the prompt's last token at layers (1, 2): does one key per fact (rather
+    # than one per subject) rescue a batch of several facts of one subject?
+    "memit_last": ("memit", {"layers": [1, 2], "value": {
+        "fact_token": "last", "num_grad_steps": 25, "weight_decay": 0.0, "clamp_norm_factor": 4.0,
+        "context_template_start": "words"}}, None),
     "alphaedit": ("alphaedit", None, None),
     "rome_last_pattern": ("rome", {"layer": 2, "value": {"fact_token": "last",
                                               "num_grad_steps": 20,

@@ -17,6 +17,7 @@ from editkit.passages.evaluate import summarise
 LABELS = {
     "ft_l": "FT+L (sequential)", "rome": "ROME, subject key (sequential)",
     "rome_last": "ROME, last-token key, l=2 (sequential)", "memit": "MEMIT (one batch)",
+    "memit_last": "MEMIT, last-token key, layers 1–2 (one batch)",
     "alphaedit": "AlphaEdit (one batch)",
     "rome_last_pattern": "ROME last-token l=2, pattern-extracted triples",
     "memit_model": "MEMIT, model-extracted triples",

@@ -130,7 +130,8 @@ def test_one_module_per_subcommand():
 
 #: Arguments each subcommand cannot parse without.
 REQUIRED = {
-    "edit": ["--model", "m"], "incorporate": ["--model", "m", "--passage", "p"], "apply": ["--model", "m", "p"], "stats": ["m", "--layers", "0"],
+    "edit": ["--model", "m"], "incorporate": ["--model", "m", "--passage", "p"],
+    "apply": ["--model", "m", "p"], "stats": ["m", "--layers", "0"],
     "trace": ["--model", "m", "--out", "o"],
     "suggest-layer": ["--model", "m"], "eval": ["--model", "m", "--method", "ft", "--data", "d"],
     "compare": ["r"], "train-mend": ["--model", "m", "--data", "d", "--out", "o"],
