@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from editkit.passages import load_passages
-from editkit.passages.evaluate import evaluate_passage, extraction_scores
+from editkit.passages.evaluate import cloze_and_generation, evaluate_passage, extraction_scores
 from editkit.passages.extractors import ModelExtractor, PatternExtractor
 
 #: Configurations: (method, hyperparameter overrides of the method's defaults for the model,
@@ -60,7 +60,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--set", required=True, choices=["factworld", "smollm2"])
     ap.add_argument("--config", nargs="+", required=True,
-                    help=f"configurations: {sorted(CONFIGS)} or 'extract' (extractor P/R only)")
+                    help=f"configurations: {sorted(CONFIGS)}, 'extract' (extractor P/R only) "
+                         "or 'incontext' ((a) and (b) only, no edit)")
     ap.add_argument("--n", type=int, default=None)
     ap.add_argument("--out", default="docs/results/passages")
     args = ap.parse_args()
@@ -85,7 +86,13 @@ def main() -> None:
         for rec in records:
             if rec.id in done:
                 continue
-            if config == "extract":
+            if config == "incontext":  # (a) and (b) only: no edit
+                a = cloze_and_generation(model, tok, rec)
+                b = cloze_and_generation(model, tok, rec, context=rec.passage)
+                row = {"id": rec.id, "n_facts": len(rec.triples),
+                       **{f"{k}_{m}": sum(v[m]) / len(v[m]) for k, v in (("a", a), ("b", b))
+                          for m in ("cloze", "gen")}}
+            elif config == "extract":
                 extractor = PatternExtractor() if args.set == "factworld" else ModelExtractor()
                 start = time.perf_counter()
                 ex = extractor(rec.passage, model=model, tokenizer=tok)

@@ -75,6 +75,13 @@ def tables(folder: Path) -> str:
                 f"{_ge(s.get('ge_before'))} → {_ge(s.get('ge_after'))} | "
                 f"{'—' if secs['mean'] is None else format(secs['mean'], '.1f')} |")
         out.append("")
+        ref = files.get("incontext")
+        if ref:
+            rows = _rows(ref)
+            s = summarise([{**r, "c_cloze": None, "c_gen": None} for r in rows])
+            out.append(f"In-context reference alone (no edit) on all {len(rows)} passages: "
+                       f"cloze (a) {_pct(s.get('a_cloze'))} → (b) {_pct(s.get('b_cloze'))}, "
+                       f"generation (a) {_pct(s.get('a_gen'))} → (b) {_pct(s.get('b_gen'))}.\n")
         ex = files.get("extract")
         if ex:
             rows = _rows(ex)
