@@ -36,10 +36,10 @@ from editkit.errors import DatasetFormatError
 from editkit.jsonio import read_json_records
 from editkit.passages.evaluate import (
     PassageRecord,
-    _question,
     cloze_and_generation,
     in_context_share,
     neighbourhood,
+    parse_question,
 )
 from editkit.passages.extractors import EXTRACTORS, GivenExtractor, get_extractor
 from editkit.passages.incorporate import incorporate
@@ -91,7 +91,7 @@ def _read_questions(value: str):
     records = read_json_records(value, hint="one question object per line")
     if not records:
         raise DatasetFormatError(f"--eval {value!r} holds no question")
-    return tuple(_question(q, f"{value}:{i}") for i, q in enumerate(records, 1))
+    return tuple(parse_question(q, f"{value}:{i}") for i, q in enumerate(records, 1))
 
 
 def _check(args: argparse.Namespace) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from editkit.protocols import TokenizerLike
 from editkit.tokens import encode, score_targets
 
 __all__ = ["MIN_GAIN", "PassageRecord", "Question", "evaluate_passage", "evaluate_passages",
-           "extraction_scores", "in_context_share", "load_passages", "passages_path",
+           "extraction_scores", "in_context_share", "load_passages", "parse_question", "passages_path",
            "summarise"]
 
 #: Below this in-context gain (b − a, accuracy) the share of it an edit recovers is undefined.
@@ -94,7 +94,9 @@ def _strs(value: Any, where: str, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _question(q: Any, where: str) -> Question:
+def parse_question(q: Any, where: str) -> Question:
+    """One question record (subject, relation, prompts, new, old[, new_aliases, neighborhood,
+    question]); errors name ``where``."""
     if not isinstance(q, dict):
         raise DatasetFormatError(f"{where}: a question is a JSON object, got {q!r}")
     missing = [k for k in ("subject", "relation", "prompts", "new", "old") if k not in q]
@@ -136,7 +138,7 @@ def parse_passage(rec: Any, where: str) -> PassageRecord:
         raise DatasetFormatError(f"{where}: triples and questions must be lists (at least one "
                                  "question)")
     triples = tuple(triples_from_records(rec["triples"], where=f"{where} triples"))
-    questions = tuple(_question(q, f"{where} question {i}")
+    questions = tuple(parse_question(q, f"{where} question {i}")
                       for i, q in enumerate(rec["questions"], 1))
     return PassageRecord(str(rec["id"]), rec["passage"], triples, questions,
                          _strs(rec.get("generation_prompts"), where, "generation_prompts"))

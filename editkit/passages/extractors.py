@@ -194,8 +194,7 @@ def _split_line(line: str) -> list[str] | None:
     if body[:1] in "([<" and body.rstrip(".,;")[-1:] in ")]>":
         body = body.rstrip(".,;")[1:-1]
         if "|" not in body and ";" not in body:
-            return [p for p in re.split(r"\s*,\s*", body)] if body.count(",") == 2 else \
-                [body]
+            return re.split(r"\s*,\s*", body) if body.count(",") == 2 else [body]
     for sep in (r"\s*\|\s*", r"\s*->\s*|\s*→\s*", r"\s*;\s*", r"\t+"):
         parts = [p for p in re.split(sep, body) if p.strip()]
         if len(parts) >= 2:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -318,9 +318,3 @@ def list_relations() -> list[str]:
 def register_relation(spec: RelationSpec, *, override: bool = False) -> None:
     """Register ``spec`` at run time (``override=True`` replaces one of the same id)."""
     RELATIONS.register(spec, override=override)
-
-
-def relations_from(names: Iterable[str] | None) -> list[RelationSpec] | None:
-    """The specs of ``names`` (``None`` stays ``None``: every registered relation)."""
-    return None if names is None else [get_relation(n) for n in names]
-
