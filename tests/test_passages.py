@@ -483,7 +483,7 @@ def test_fact_world_passages_become_answerable():
     torch.set_num_threads(1)
     model, tok = load_fact_world()
     base = snapshot(model)
-    records = load_passages("factworld", n=6)
+    records = load_passages("factworld", n=12)
     rows = evaluate_passages(model, tok, records, method="rome", hparams=ROME_LAST)
     s = summarise(rows)
     assert s["a_cloze"]["mean"] <= 0.1  # the passages' facts are new to the model
