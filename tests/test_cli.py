@@ -124,13 +124,14 @@ def test_one_module_per_subcommand():
         assert module.__name__ == f"editkit.cli.{name.replace('-', '_')}"
         assert parser.parse_args([name, *REQUIRED.get(name, [])]).func is module.run
         parser_names.append(name)
-    assert parser_names == ["demo", "edit", "apply", "methods", "stats", "trace",
+    assert parser_names == ["demo", "edit", "incorporate", "apply", "methods", "stats", "trace",
                             "suggest-layer", "eval", "compare", "train-mend", "train-ke", "cache"]
 
 
 #: Arguments each subcommand cannot parse without.
 REQUIRED = {
-    "edit": ["--model", "m"], "apply": ["--model", "m", "p"], "stats": ["m", "--layers", "0"],
+    "edit": ["--model", "m"], "incorporate": ["--model", "m", "--passage", "p"],
+    "apply": ["--model", "m", "p"], "stats": ["m", "--layers", "0"],
     "trace": ["--model", "m", "--out", "o"],
     "suggest-layer": ["--model", "m"], "eval": ["--model", "m", "--method", "ft", "--data", "d"],
     "compare": ["r"], "train-mend": ["--model", "m", "--data", "d", "--out", "o"],

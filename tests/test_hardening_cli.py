@@ -330,6 +330,32 @@ CASES = [
             mentions=("no_such_model", "save_pretrained")),
 ]
 
+# ---- incorporate (passage incorporation): missing or empty passage, bad triples, bad options
+CASES += [
+    CliCase("incorporate-passage-missing",
+            lambda f: ["incorporate", "--model", str(f.model), "--passage", f("nope.txt")],
+            mentions=("--passage", "nope.txt", "does not exist")),
+    CliCase("incorporate-passage-empty",
+            lambda f: ["incorporate", "--model", str(f.model), "--passage", f("empty.txt")],
+            mentions=("--passage", "empty")),
+    CliCase("incorporate-triples-malformed",
+            lambda f: ["incorporate", "--model", str(f.model), "--passage", f("afile"),
+                       "--triples", f("bad.jsonl")],
+            mentions=("bad.jsonl:1", "invalid JSON")),
+    CliCase("incorporate-triples-not-triples",
+            lambda f: ["incorporate", "--model", str(f.model), "--passage", f("afile"),
+                       "--triples", f("weird.json")],
+            mentions=("weird.json:1", "subject")),
+    CliCase("incorporate-given-without-triples",
+            lambda f: ["incorporate", "--model", str(f.model), "--passage", f("afile"),
+                       "--extractor", "given"],
+            mentions=("--triples",)),
+    CliCase("incorporate-unknown-extractor",
+            lambda f: ["incorporate", "--model", str(f.model), "--passage", f("afile"),
+                       "--extractor", "regex"],
+            mentions=("regex", "pattern")),
+]
+
 
 if "apply" in cli.build_parser()._subparsers._group_actions[0].choices:
     # ``editkit apply --model DIR PATCH`` (issue 15, another branch): a patch that is not

@@ -1,6 +1,6 @@
 """The import contract: editkit's modules import only downwards, and never in a cycle.
 
-    cli  ->  {eval, tracing, testbed}  ->  methods  ->  {plumbing, models}  ->  core
+    cli  ->  passages  ->  {eval, tracing, testbed}  ->  methods  ->  {plumbing, models}  ->  core
 
 Every ``import`` in every module of the package counts, including imports inside functions
 (a function-local import is still a dependency, it only runs later) and literal
@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                                       "distributed"})),
     ("methods", frozenset({"methods"})),
     ("eval, tracing and testbed", frozenset({"eval", "tracing", "testbed"})),
+    ("passages", frozenset({"passages"})),
     ("cli", frozenset({"cli", "__main__", ""})),  # "" is the package root, editkit/__init__
 )
 LAYER_OF = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}

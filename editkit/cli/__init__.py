@@ -3,6 +3,7 @@
     editkit demo                       # edit a fact of the offline fact world, then revert
     editkit demo --model smollm2       # the same on a real model, SmolLM2-135M (offline)
     editkit edit --model DIR --method ft --prompt "{} plays" --subject X --target Y
+    editkit incorporate --model factworld --passage bio.txt --method rome  # a passage's facts
     editkit methods                    # list registered methods and adapters
     editkit stats | trace | suggest-layer | eval | compare | train-mend | train-ke | cache ...
 
@@ -44,6 +45,7 @@ from editkit.cli import (
     compare,
     demo,
     edit,
+    incorporate,
     methods,
     stats,
     suggest_layer,
@@ -61,7 +63,7 @@ __all__ = ["FAILURES", "SUBCOMMANDS", "add_parser", "build_editor", "build_parse
 logger = logging.getLogger(__name__)
 
 #: The subcommand modules, in the order ``editkit --help`` lists them.
-SUBCOMMANDS = (demo, edit, apply, methods, stats, trace, suggest_layer, eval_, compare,
+SUBCOMMANDS = (demo, edit, incorporate, apply, methods, stats, trace, suggest_layer, eval_, compare,
                train_mend, train_ke, cache)
 
 #: Typed errors that mean "the work failed" (exit status 1); every other ``EditkitError``
