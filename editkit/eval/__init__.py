@@ -49,6 +49,7 @@ from editkit.eval.metrics import (
     text_entropy,
     tfidf_cosine,
 )
+from editkit.eval.multifact import MultiFactReport, evaluate_multifact, group_by_subject
 from editkit.eval.plots import plot_retention
 from editkit.eval.quality import edit_quality, edit_success, request_logprobs
 from editkit.eval.report import Report, compare
@@ -58,7 +59,8 @@ from editkit.jsonio import iter_jsonl, read_json_records
 
 __all__ = [
     "METRICS", "PROTOCOLS", "DatasetFormatError", "DatasetUnavailableError", "EvalRecord",
-    "GenerationConfig", "Metric", "MetricContext", "RecordScores", "ReferenceTable", "Report",
+    "GenerationConfig", "Metric", "MetricContext", "MultiFactReport", "evaluate_multifact",
+    "group_by_subject", "RecordScores", "ReferenceTable", "Report",
     "UnknownMetricError", "aggregate", "compare", "counterfact_metrics", "default_checkpoints",
     "default_metrics", "detect_kind", "edit_quality", "edit_success", "evaluate", "generate",
     "generation_entropy", "get_metric", "harmonic_mean", "iter_jsonl", "list_metrics",

@@ -392,6 +392,41 @@ class MultiFactReport:
         return path
 
 
+def compare_multifact(reports: Sequence[MultiFactReport | str | Path],
+                       title: str | None = None) -> str:
+    """One markdown table of several multi-fact runs: per run its conditions (the unedited
+    row once per model and dataset), then the mean off-diagonal cell of each matrix."""
+    loaded = [r if isinstance(r, MultiFactReport) else MultiFactReport.from_json(r)
+              for r in reports]
+    if not loaded:
+        raise DatasetFormatError("compare_multifact() needs at least one report")
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| Editor | Condition | n | S ↑ | ES ↑ | PS ↑ | NS ↑ |", "|---|---|---|---|---|---|---|"]
+    seen: set[tuple[str, str]] = set()
+    for r in loaded:
+        rows = r.summary_rows()
+        if (r.model, r.dataset) in seen:
+            rows = rows[1:]
+        seen.add((r.model, r.dataset))
+        lines += rows
+    lines += ["", "| Editor | Retention of unedited B after editing A (mean cell) | "
+              "ES of edited B with A also edited (mean off-diagonal cell) | ES of B alone "
+              "(diagonal) |", "|---|---|---|---|"]
+    for r in loaded:
+        off = [_mean_or_nan(r.retention[a][b]) for a in r.relations for b in r.relations
+               if a != b]
+        pair = [_mean_or_nan(r.paired_es[a][b]) for a in r.relations for b in r.relations
+                if a != b]
+        diag = [_mean_or_nan(r.paired_es[a][a]) for a in r.relations]
+        lines.append(f"| {r.name} | {_avg(off)} | {_avg(pair)} | {_avg(diag)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _avg(xs: Sequence[float]) -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    return f"{100 * sum(xs) / len(xs):.1f}" if xs else "—"
+
+
 def _mean_or_nan(stats: Mapping[str, Any]) -> float:
     m = stats.get("mean") if stats else None
     return float("nan") if m is None else float(m)
@@ -643,7 +678,8 @@ def _pairwise(editor: Editor, group: SubjectGroup, score) -> list[tuple[str, str
 
 
 __all__ = [
-    "CONDITIONS", "MULTI_FACT", "MultiFactReport", "SubjectGroup", "evaluate_multifact",
+    "CONDITIONS", "MULTI_FACT", "MultiFactReport", "SubjectGroup", "compare_multifact",
+    "evaluate_multifact",
     "group_by_subject", "interference_matrix", "paired_difference", "relation_of", "retention",
     "spread_groups", "summarize",
 ]
