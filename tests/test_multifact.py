@@ -16,6 +16,7 @@ from editkit.eval.datasets import parse_records
 from editkit.eval.multifact import (
     MULTI_FACT,
     MultiFactReport,
+    compare_multifact,
     evaluate_multifact,
     group_by_subject,
     interference_matrix,
@@ -169,6 +170,8 @@ def test_protocol_reverts_exactly_and_reports_every_condition(gpt2_and_tok, tmp_
     md = report.to_markdown(plot="interference.png")
     assert "## (i) Unedited B after editing A" in md and "| born | · |" in md
     assert report.plot(tmp_path / "m.png").stat().st_size > 1000
+    table = compare_multifact([report, tmp_path], title="t")
+    assert table.count("(unedited)") == 1 and table.count("| ft | same_subject | 9 |") == 2
 
 
 def test_pairwise_subjects_limits_matrix_ii_and_zero_skips_it(gpt2_and_tok):
@@ -251,3 +254,21 @@ def test_cli_runs_multi_fact_on_the_fact_world(tmp_path):
     assert report.config["n_subjects"] == 2 and report.config["group_sizes"] == [6, 6]
     assert len(report.relations) == 6 and report.config["pairwise_subjects_used"] == 1
     assert (out / "interference.png").is_file() and (out / "report.md").is_file()
+
+
+# ------------------------------------------------------------------- shipped data
+def test_shipped_real_subjects_have_several_known_relations():
+    from editkit.testbed.real_facts import real_facts
+    from editkit.testbed.real_multifact import real_multifact, real_multifact_meta
+
+    records = real_multifact()
+    groups = group_by_subject(records)
+    meta = real_multifact_meta()
+    assert len(groups) == meta["n_subjects"] >= 20 and len(records) == meta["n_records"]
+    assert {g.subject: g.relations for g in groups} == meta["subjects"]
+    assert all(len(g.records) >= 2 for g in groups)
+    sizes = [len(g.records) for g in groups]
+    assert sizes == sorted(sizes, reverse=True)
+    # every record is one of the facts the unedited model passed the real-fact filter on
+    upstream = {json.dumps(r, sort_keys=True) for r in real_facts()}
+    assert all(json.dumps(r, sort_keys=True) in upstream for r in records)
