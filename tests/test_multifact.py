@@ -272,3 +272,29 @@ def test_shipped_real_subjects_have_several_known_relations():
     # every record is one of the facts the unedited model passed the real-fact filter on
     upstream = {json.dumps(r, sort_keys=True) for r in real_facts()}
     assert all(json.dumps(r, sort_keys=True) in upstream for r in records)
+
+
+# ------------------------------------------------------------------- slow quality
+@pytest.mark.slow
+def test_memit_edits_one_subjects_relations_worse_than_the_same_number_spread():
+    """MEMIT's batched least squares has one key per subject (its last token) for all of its
+    relations: four edits of one subject compete for it, four edits of four subjects do not
+    (docs/results/multifact.md)."""
+    import torch
+
+    from editkit.testbed import FactWorld, load_fact_world
+
+    torch.set_num_threads(1)
+    model, tok = load_fact_world()
+    before = snapshot(model)
+    rels = ("birthplace", "profession", "sport", "instrument")
+    recs = [r for r in FactWorld().records() if r["requested_rewrite"]["relation_id"] in rels]
+    report = evaluate_multifact("memit", model, tok, recs, n_subjects=4, pairwise_subjects=0,
+                                progress=False)
+    assert state_equal(model, before)
+    es = {c: report.conditions[c]["ES"]["mean"] for c in ("alone", "same_subject", "spread")}
+    assert es["alone"] >= 0.75 and es["spread"] >= 0.75
+    assert es["same_subject"] <= es["spread"] - 0.25
+    assert es["same_subject"] <= es["alone"] - 0.25
+    for c in ("alone", "same_subject", "spread"):
+        assert report.conditions[c]["NS"]["mean"] >= 0.9
