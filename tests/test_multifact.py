@@ -171,7 +171,7 @@ def test_protocol_reverts_exactly_and_reports_every_condition(gpt2_and_tok, tmp_
     assert "## (i) Unedited B after editing A" in md and "| born | · |" in md
     assert report.plot(tmp_path / "m.png").stat().st_size > 1000
     table = compare_multifact([report, tmp_path], title="t")
-    assert table.count("(unedited)") == 1 and table.count("| ft | same_subject | 9 |") == 2
+    assert table.count("(unedited)") == 1 and table.count("| ft (3 subjects) | same_subject | 9 |") == 2
 
 
 def test_pairwise_subjects_limits_matrix_ii_and_zero_skips_it(gpt2_and_tok):

@@ -288,14 +288,14 @@ class MultiFactReport:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     # -------------------------------------------------------------- markdown
-    def summary_rows(self) -> list[str]:
+    def summary_rows(self, name: str | None = None) -> list[str]:
         """Markdown rows ``| name | condition | n | S | ES | PS | NS |`` (no header)."""
         rows = []
         for c in ("pre", *CONDITIONS):
             agg = self.conditions.get(c)
             if not agg:
                 continue
-            label = f"{self.model} (unedited)" if c == "pre" else self.name
+            label = f"{self.model} (unedited)" if c == "pre" else (name or self.name)
             n = agg.get("ES", {}).get("n", 0)
             rows.append(f"| {label} | {c if c != 'pre' else '—'} | {n} | "
                         + " | ".join(_pct(agg.get(m, {})) for m in METRIC_NAMES) + " |")
@@ -404,7 +404,7 @@ def compare_multifact(reports: Sequence[MultiFactReport | str | Path],
     lines += ["| Editor | Condition | n | S ↑ | ES ↑ | PS ↑ | NS ↑ |", "|---|---|---|---|---|---|---|"]
     seen: set[tuple[str, str]] = set()
     for r in loaded:
-        rows = r.summary_rows()
+        rows = r.summary_rows(f"{r.name} ({len(r.subjects)} subjects)")
         if (r.model, r.dataset) in seen:
             rows = rows[1:]
         seen.add((r.model, r.dataset))
@@ -418,7 +418,8 @@ def compare_multifact(reports: Sequence[MultiFactReport | str | Path],
         pair = [_mean_or_nan(r.paired_es[a][b]) for a in r.relations for b in r.relations
                 if a != b]
         diag = [_mean_or_nan(r.paired_es[a][a]) for a in r.relations]
-        lines.append(f"| {r.name} | {_avg(off)} | {_avg(pair)} | {_avg(diag)} |")
+        lines.append(f"| {r.name} ({len(r.subjects)} subjects) | {_avg(off)} | {_avg(pair)} | "
+                     f"{_avg(diag)} |")
     return "\n".join(lines) + "\n"
 
 
