@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from editkit.cli import _multifact
 from editkit.cli.common import (
     MODEL_CHOICES,
     OptionError,
@@ -64,9 +65,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the fact world's record sample, sampling and bootstrap")
     p.add_argument("--protocol", default="independent",
-                   choices=("independent", "sequential", "batch"),
-                   help="edit each record alone and revert, accumulate edits one by one, or "
-                        "apply them in batches (default independent)")
+                   choices=("independent", "sequential", "batch", "multi_fact"),
+                   help="edit each record alone and revert, accumulate edits one by one, "
+                        "apply them in batches (default independent), or multi_fact: all "
+                        "relations of a subject at once vs spread vs alone, and interference "
+                        "matrices (--n counts subjects)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="records per apply() in the batch protocol (default: all)")
     p.add_argument("--checkpoints", default=None,
@@ -94,6 +97,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--label", default=None,
                    help="row label of the method in tables (default: the method name)")
     p.add_argument("--out", default="results", help="output directory (default ./results)")
+    _multifact.add_options(p)
     p.set_defaults(func=run)
 
 
@@ -124,6 +128,7 @@ def _check(args: argparse.Namespace) -> None:
         if value is not None and not Path(value).expanduser().is_file():
             raise OptionError(f"{flag} {value!r} does not exist; pass a JSON file")
     check_writable("--out", args.out, directory=True)
+    _multifact.check(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -150,6 +155,8 @@ def _run(args: argparse.Namespace) -> int:
         from editkit.cli._eval_task import run_task
 
         return run_task(args, hparams)
+    if args.protocol == "multi_fact":
+        return _multifact.run(args, hparams)
     references = ReferenceTable.from_files(args.idf, args.references) if args.idf else None
     checkpoints = None
     if args.checkpoints:

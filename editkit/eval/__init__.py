@@ -56,6 +56,7 @@ from editkit.eval.metrics import (
     text_entropy,
     tfidf_cosine,
 )
+from editkit.eval.multifact import MultiFactReport, evaluate_multifact, group_by_subject
 from editkit.eval.multihop import (
     Hop,
     MultiHopRecord,
@@ -80,7 +81,8 @@ from editkit.jsonio import iter_jsonl, read_json_records
 
 __all__ = [
     "METRICS", "PROTOCOLS", "DatasetFormatError", "DatasetUnavailableError", "EvalRecord",
-    "GenerationConfig", "Metric", "MetricContext", "RecordScores", "ReferenceTable", "Report",
+    "GenerationConfig", "Metric", "MetricContext", "MultiFactReport", "evaluate_multifact",
+    "group_by_subject", "RecordScores", "ReferenceTable", "Report",
     "UnknownMetricError", "aggregate", "compare", "counterfact_metrics", "default_checkpoints",
     "default_metrics", "detect_kind", "edit_quality", "edit_success", "evaluate", "generate",
     "generation_entropy", "get_metric", "harmonic_mean", "iter_jsonl", "list_metrics",

@@ -195,8 +195,14 @@ def evaluate(
             one-process one. The sequential protocol cannot be sharded (each edit builds on
             all earlier ones). Only rank 0 shows progress.
     """
+    if protocol == "multi_fact":  # its own report shape: conditions and interference matrices
+        raise EditkitError(
+            "protocol='multi_fact' has its own report (conditions and interference matrices): "
+            "call editkit.eval.evaluate_multifact(method, model, tokenizer, records) instead "
+            "(CLI: editkit eval --protocol multi_fact)")
     if protocol not in PROTOCOLS:
-        raise EditkitError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS}")
+        raise EditkitError(f"unknown protocol {protocol!r}; use one of {PROTOCOLS} (or "
+                           "evaluate_multifact for the multiple-facts protocol)")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise EditkitError(f"batch_size={batch_size!r} must be a positive integer")
     rank, world = rank_and_world(group)
