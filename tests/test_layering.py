@@ -28,9 +28,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         "editor", "registry", "protocols", "jsonio", "presets",
     })),
     ("plumbing and models", frozenset({"nethooks", "replay", "stats", "cache", "models",
-                                      "distributed"})),
+                                      "distributed", "noise"})),
     ("methods", frozenset({"methods"})),
     ("eval, tracing and testbed", frozenset({"eval", "tracing", "testbed"})),
+    ("studies", frozenset({"study"})),
     ("cli", frozenset({"cli", "__main__", ""})),  # "" is the package root, editkit/__init__
 )
 LAYER_OF = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}
