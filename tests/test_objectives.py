@@ -276,10 +276,9 @@ def test_objective_metrics_are_registered_and_read_the_records_objective():
 
 # --------------------------------------------------------------------------- refusals
 def test_methods_without_objectives_refuse_them(gpt2_and_tok):
-    from tests.badinput import Bad, assert_refused
-
     from editkit.methods.ke import KE, KEHyperParams
     from editkit.methods.mend import MEND, MENDHyperParams
+    from tests.badinput import Bad, assert_refused
 
     model, tok = gpt2_and_tok
     for cls, hp in ((MEND, MENDHyperParams()), (KE, KEHyperParams())):
