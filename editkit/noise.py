@@ -27,6 +27,23 @@ DEFAULT_NOISE = 3.0
 DEFAULT_SAMPLES = 10
 
 
+def normalise_prompt(prompt: str, subject: str) -> str:
+    """``prompt`` with ``{}`` where the subject goes. A filled prompt (the reference notebook's
+    ``"The Eiffel Tower is in"`` with subject ``"The Eiffel Tower"``) gets ``{}`` at the
+    subject's first occurrence."""
+    if not isinstance(prompt, str) or not isinstance(subject, str) or not subject.strip():
+        raise InvalidRequestError(
+            f"prompt {prompt!r} and subject {subject!r} must be strings, the subject non-empty")
+    if prompt.count("{}") == 0 and subject in prompt:
+        return prompt.replace(subject, "{}", 1)
+    if prompt.count("{}") != 1:
+        raise InvalidRequestError(
+            f"prompt {prompt!r} must contain the subject {subject!r} or exactly one '{{}}' "
+            "where it goes, e.g. '{} was born in'"
+        )
+    return prompt
+
+
 def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
     """Token range ``[first, last + 1)`` of the subject in ``fill(prompt, subject)``.
 

@@ -32,9 +32,9 @@ from torch import nn
 
 from editkit.eval.metrics import METRICS, Metric, MetricContext, RecordScores
 from editkit.methods._locate.objectives import SubjectNoise, noise_std_of
+from editkit.noise import normalise_prompt
 from editkit.requests import TRUE_TARGET_OBJECTIVES, EditRequest, Objective
 from editkit.tokens import score_targets
-from editkit.tracing.corruption import normalise_prompt
 
 GROUPS = ("rewrite", "paraphrase", "neighborhood")
 

@@ -39,6 +39,7 @@ from editkit.noise import (  # noqa: F401
     embedding_std,
     make_noise,
     model_device,
+    normalise_prompt,
     subject_token_range,
 )
 from editkit.tokens import encode, fill, prompt_target_ids
@@ -77,23 +78,6 @@ def resolve_noise(noise: float | None, noise_multiple: float | None,
                                   or not math.isfinite(value) or value < 0):
             raise InvalidHyperParamsError(f"{name}={value!r} must be a finite number ≥ 0")
     return float(multiple), None if noise_std is None else float(noise_std)
-
-
-def normalise_prompt(prompt: str, subject: str) -> str:
-    """``prompt`` with ``{}`` where the subject goes. A filled prompt (the reference notebook's
-    ``"The Eiffel Tower is in"`` with subject ``"The Eiffel Tower"``) gets ``{}`` at the
-    subject's first occurrence."""
-    if not isinstance(prompt, str) or not isinstance(subject, str) or not subject.strip():
-        raise InvalidRequestError(
-            f"prompt {prompt!r} and subject {subject!r} must be strings, the subject non-empty")
-    if prompt.count("{}") == 0 and subject in prompt:
-        return prompt.replace(subject, "{}", 1)
-    if prompt.count("{}") != 1:
-        raise InvalidRequestError(
-            f"prompt {prompt!r} must contain the subject {subject!r} or exactly one '{{}}' "
-            "where it goes, e.g. '{} was born in'"
-        )
-    return prompt
 
 
 @contextlib.contextmanager
