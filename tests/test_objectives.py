@@ -281,13 +281,16 @@ def test_methods_without_objectives_refuse_them(gpt2_and_tok):
     from tests.badinput import Bad, assert_refused
 
     model, tok = gpt2_and_tok
-    for cls, hp in ((MEND, MENDHyperParams()), (KE, KEHyperParams())):
+    from editkit.methods.alphaedit import AlphaEdit
+
+    for cls, hp in ((MEND, MENDHyperParams()), (KE, KEHyperParams()), (AlphaEdit, None)):
         editor = cls(model, tok, hp)
         case = Bad(f"{cls.name}-erase", lambda e=editor: e.apply(REQUEST.with_objective("erase")),
                    UnsupportedObjectiveError, ("erase", cls.name, "rome"))
         assert_refused(case, models=[model])
     # the objectives a method lists are honoured; the default is injection only
-    assert ROME.objectives == FT.objectives == FTL.objectives == set(
+    assert ROME.objectives == FT.objectives == FTL.objectives == editkit.get_method(
+        "memit").objectives == set(
         editkit.requests.OBJECTIVES)
     assert editkit.Editor.objectives == {"inject"}
     ft = FT(model, tok, FTHyperParams(layer=0, num_steps=1))
@@ -324,3 +327,46 @@ def test_each_objective_moves_the_right_probability_on_the_fact_world():
             assert score > 0.3, (editor.name, name, p0, p1)
             assert (p1 < p0) if name == "erase" else (p1 > p0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
+
+
+@pytest.mark.parametrize("name, sign", [("inject", -1), ("erase", 1), ("force", -1)])
+def test_memit_z_and_keys_follow_the_objective(gpt2_and_tok, name, sign):
+    """MEMIT's z (the residual-stream value, slot "block") moves the objective's NLL the
+    right way, and for force its keys are the mean over the noise draws of noised keys."""
+    from editkit.methods._locate.values import compute_values
+    from editkit.methods.memit import MEMIT
+
+    model, tok = gpt2_and_tok
+    adapter = editkit.get_adapter(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hp = MEMIT.hparams_class.for_model(model, adapter)
+    hp.layers = [0, 1]
+    hp.value.num_grad_steps = 8
+    hp.value.early_stop_loss = 0.0
+    hp.value.kl_factor = hp.value.weight_decay = 0.0
+    r = REQUEST.with_objective(Objective(name, noise_std=0.5, samples=2))
+    (z,) = compute_values(model, tok, adapter, hp.value, [r], TEMPLATES, layer=1, slot="block")
+    assert sign * (z.nll[-1] - z.nll[0]) > 0, (name, z.nll)
+    d = model.config.n_inner or 4 * model.config.n_embd
+    editor = MEMIT(model, tok, hp, context_templates=TEMPLATES,
+                   covariances={0: torch.eye(d), 1: torch.eye(d)})
+    plain = editor._keys(1, [REQUEST])
+    keys = editor._keys(1, [r])
+    if name != "force":
+        assert torch.equal(keys, plain)
+        return
+    from editkit.methods._locate.keys import keys_at
+    from editkit.methods._locate.objectives import subject_noise
+    from editkit.methods._locate.templates import apply_template
+
+    prompts = [apply_template(t, r.prompt) for t in TEMPLATES]
+    with subject_noise(model, tok, adapter, [r], lambda _: prompts):
+        noised = editor._keys(1, [r])
+        rows = keys_at(model, tok, adapter, 1, [p for p in prompts for _ in range(2)],
+                       r.subject)
+    assert not torch.allclose(noised, plain)
+    expected = rows.view(len(prompts), 2, -1).mean(1)
+    groups = editor._template_groups()
+    expected = torch.stack([g.mean(0) for g in expected.split(groups)]).mean(0)
+    torch.testing.assert_close(noised[:, 0], expected)
