@@ -300,7 +300,7 @@ def test_methods_without_objectives_refuse_them(gpt2_and_tok):
 # ------------------------------------------------------------------- fact-world quality
 @pytest.mark.slow
 def test_each_objective_moves_the_right_probability_on_the_fact_world():
-    """ROME (default layer) and FT edit one fact-world fact under each objective; the
+    """ROME, FT and MEMIT (defaults) edit one fact-world fact under each objective; the
     objective's probability (noised for force) moves the right way, and far."""
     from editkit.testbed import FactWorld, load_fact_world
 
@@ -310,7 +310,7 @@ def test_each_objective_moves_the_right_probability_on_the_fact_world():
     base = EditRequest.from_counterfact(FactWorld().records(n=1)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        editors = [ROME(model, tok), FT(model, tok)]
+        editors = [ROME(model, tok), FT(model, tok), editkit.get_method("memit")(model, tok)]
     before_state = {k: v.clone() for k, v in model.state_dict().items()}
     for editor in editors:
         for name in ("inject", "erase", "amplify", "reverse_tracing", "force"):
@@ -324,6 +324,7 @@ def test_each_objective_moves_the_right_probability_on_the_fact_world():
             if name == "amplify" and p0 > 0.99:
                 assert p1 >= p0 - 1e-3, (editor.name, name, p0, p1)  # nothing to gain
                 continue
+            print(f"{editor.name:5s} {name:16s} p {p0:.3f} -> {p1:.3f}  score {score:.2f}")
             assert score > 0.3, (editor.name, name, p0, p1)
             assert (p1 < p0) if name == "erase" else (p1 > p0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before_state.items())
