@@ -38,6 +38,7 @@ from editkit.registry import get_adapter, get_method
 from editkit.requests import OBJECTIVES, EditRequest, Objective
 from editkit.study.regression import bootstrap_r2
 from editkit.tracing import CausalTracer
+from editkit.tracing.kinds import scaled_window
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ class StudyConfig:
 
     ``methods``: registered method names (each must list the objectives in its
     ``objectives``). ``layers``: edited layers (default all). ``samples``/``seed``/
-    ``noise_multiple``: the trace's corruption (paper 10, 3σ). ``force_samples``: noise draws
+    ``noise_multiple``: the trace's corruption (paper 10, 3σ). ``window``: MLP restoration
+    window (default :func:`~editkit.tracing.kinds.scaled_window`, the paper's 10 of 48 layers
+    as a fraction of the depth: 1 on the 4-layer fact world, where the clipped 10 would
+    restore every MLP at every layer and make the effect the same at all of them).
+    ``force_samples``: noise draws
     per prompt of the ``force`` and ``reverse_tracing`` objectives (paper 10). ``overrides``:
     per method, dotted hyperparameter fields to set (``{"rome": {"value.num_grad_steps": 20}}``).
     ``n_neighbors``: neighbourhood prompts scored per fact (None: all).
@@ -176,6 +181,7 @@ def run_localization(model: nn.Module, tokenizer, requests: Sequence[EditRequest
     bad = [v for v in layers if not 0 <= v < n_layers]
     if bad:
         raise InvalidHyperParamsError(f"layers {bad} out of range 0..{n_layers - 1}")
+    window = config.window if config.window is not None else scaled_window(n_layers)
     tracer = CausalTracer(model, tokenizer, texts=[r.subject for r in requests],
                           samples=config.samples, seed=config.seed,
                           noise_multiple=config.noise_multiple, adapter=adapter)
@@ -189,7 +195,8 @@ def run_localization(model: nn.Module, tokenizer, requests: Sequence[EditRequest
         cid = str(base.case_id if base.case_id is not None else i)
         if cid not in done_traces:
             row = {"case_id": cid, "index": i, "text": base.text,
-                   "target_true": base.target_true, **trace_effects(tracer, base, config.window)}
+                   "target_true": base.target_true, "window": window,
+                   **trace_effects(tracer, base, window)}
             _append(traces_path, row)
             done_traces[cid] = row
         nu = float(done_traces[cid]["noise_std"])
