@@ -1,6 +1,6 @@
 """The import contract: editkit's modules import only downwards, and never in a cycle.
 
-    cli  ->  {eval, tracing, testbed}  ->  methods  ->  {plumbing, models}  ->  core
+    cli  ->  study  ->  {eval, tracing, testbed}  ->  methods  ->  {plumbing, models}  ->  core
 
 Every ``import`` in every module of the package counts, including imports inside functions
 (a function-local import is still a dependency, it only runs later) and literal
