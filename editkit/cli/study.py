@@ -14,7 +14,8 @@ and objective. ``--model`` as for ``editkit trace``; ``--data`` a JSON list of C
 records, or ``real`` for the shipped real facts (``editkit.testbed.real_facts``; default for
 smollm2), default for factworld its own records. Results go to ``--out``: ``traces.jsonl`` and
 ``edits.jsonl`` (written as they are computed; rerunning resumes), ``analysis.json``,
-``scatter.png`` and ``r2_bars.png``. ``--analyse-only`` redoes the analysis and plots.
+``analysis_<effect kind>.md`` (tables), ``scatter.png`` and ``r2_bars.png``.
+``--analyse-only`` redoes the analysis and plots.
 ``--set rome:value.num_grad_steps=20`` sets a method's hyperparameter (repeatable; values are
 JSON).
 """
@@ -43,6 +44,7 @@ from editkit.cli.common import (
 from editkit.distributed import default_group, rank_and_world, torchrun_group
 from editkit.requests import OBJECTIVES, EditRequest
 from editkit.study import StudyConfig, analyse, run_localization
+from editkit.study.localization import markdown_tables
 from editkit.study.plots import plot_r2_bars, plot_scatter
 
 
@@ -174,6 +176,7 @@ def _analyse(args: argparse.Namespace, out: Path) -> int:
         raise OptionError(f"--out {str(out)!r} holds no study results; run the study first")
     result = analyse(out, effect_kind=args.effect_kind, n_boot=args.n_boot, seed=args.seed)
     (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    (out / f"analysis_{args.effect_kind}.md").write_text(markdown_tables(result))
     if result["cells"]:
         plot_scatter(result, out / "scatter.png")
         plot_r2_bars(result, out / "r2_bars.png")

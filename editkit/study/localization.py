@@ -293,3 +293,41 @@ def analyse(out_dir: str | Path, *, effect_kind: str = "mlp", score: str = "rewr
         entry["points"] = {"layer": lay, "effect": eff, "score": y}
         result["cells"][f"{method}/{objective}"] = entry
     return result
+
+
+def markdown_tables(analysis: Mapping[str, Any]) -> str:
+    """Two markdown tables of an :func:`analyse` result: the R² of the three regressions (with
+    95 % bootstrap intervals) per method × objective, and the mean rewrite score and mean
+    tracing effect per edited layer."""
+    def ci(cell: Mapping[str, Any], key: str) -> str:
+        lo, hi = cell["ci95"][key]
+        return f"{cell['r2'][key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    lines = ["| method | objective | facts | R² layer | R² tracing effect | R² both | added by "
+             "tracing (both − layer) | mean paraphrase score | mean neighbourhood score |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, cell in analysis["cells"].items():
+        method, objective = key.split("/")
+        ps, ns = cell.get("mean_paraphrase_score"), cell.get("mean_neighborhood_score")
+        fmt = (lambda v: "—" if v is None else f"{v:.3f}")  # noqa: E731
+        if "r2" not in cell:
+            lines.append(f"| {method} | {objective} | {cell['n_facts']} | — | — | — | — | "
+                         f"{fmt(ps)} | {fmt(ns)} |")
+            continue
+        lines.append(f"| {method} | {objective} | {cell['n_facts']} | {ci(cell, 'layer')} | "
+                     f"{ci(cell, 'tracing')} | {ci(cell, 'both')} | {ci(cell, 'added')} | "
+                     f"{fmt(ps)} | {fmt(ns)} |")
+    layers = sorted({int(v) for c in analysis["cells"].values() for v in c["layers"]})
+    lines += ["", "| method | objective | " + " | ".join(f"layer {v}" for v in layers) + " |",
+              "|---|---|" + "---|" * len(layers)]
+    for key, cell in analysis["cells"].items():
+        method, objective = key.split("/")
+        vals = [cell["mean_score_by_layer"].get(str(v)) for v in layers]
+        lines.append(f"| {method} | {objective} | " + " | ".join(
+            "—" if v is None else f"{v:.2f}" for v in vals) + " |")
+    first = next(iter(analysis["cells"].values()), None)
+    if first is not None:
+        eff = [first["mean_effect_by_layer"].get(str(v)) for v in layers]
+        lines.append(f"| (tracing effect, {analysis['effect_kind']}) | mean over facts | "
+                     + " | ".join("—" if v is None else f"{v:+.3f}" for v in eff) + " |")
+    return "\n".join(lines) + "\n"
