@@ -60,9 +60,10 @@ def plot_scatter(analysis: Mapping[str, Any], path: str | Path) -> Path:
                 ax.plot(xs, a + b * xs, "k--", lw=1)
             r2 = cell.get("r2")
             if r2:
-                ax.text(0.02, 0.02, f"R² layer {r2['layer']:.2f}\ntracing {r2['tracing']:.2f}"
+                ax.text(0.98, 0.5, f"R² layer {r2['layer']:.2f}\ntracing {r2['tracing']:.2f}"
                         f"\nboth {r2['both']:.2f}", transform=ax.transAxes, fontsize=7,
-                        va="bottom")
+                        va="center", ha="right",
+                        bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
             ax.set_xlabel("tracing effect", fontsize=8)
             ax.set_ylabel("rewrite score", fontsize=8)
             ax.set_ylim(-0.05, 1.05)
