@@ -18,11 +18,13 @@ for run in ${RUNS[@]}; do
         --force-samples 3 --set rome:value.num_grad_steps=20 \
         --set 'rome:value.context_template_length_params=[[5,2]]' \
         --no-progress --out "$OUT/factworld"
-      python -m editkit study localization --model factworld --analyse-only \
-        --effect-kind hidden --out "$OUT/factworld" > "$OUT/factworld/hidden.txt"
-      cp "$OUT/factworld/analysis.json" "$OUT/factworld/analysis_hidden.json"
-      python -m editkit study localization --model factworld --analyse-only \
-        --out "$OUT/factworld" > "$OUT/factworld/mlp.txt" ;;
+      for kind in mlp hidden; do  # both tracing effects; file names as committed
+        python -m editkit study localization --model factworld --analyse-only \
+          --effect-kind "$kind" --out "$OUT/factworld"
+        mv "$OUT/factworld/analysis.json" "$OUT/factworld/analysis_$kind.json"
+        mv "$OUT/factworld/scatter.png" "$OUT/factworld/scatter_$kind.png"
+        mv "$OUT/factworld/r2_bars.png" "$OUT/factworld/r2_bars_$kind.png"
+      done ;;
     smollm2_reduced)  # what fit the session: 6 facts, 2 layers (≈ 1 h on a shared core)
       python -m editkit study localization --model smollm2 --data real --n 6 \
         --methods rome,ft_l --layers 3,8 --objectives inject,erase,force --force-samples 2 \
