@@ -118,6 +118,14 @@ def test_study_runs_resumes_and_analyses(gpt2_and_tok, tmp_path):
     assert len(cell["points"]["score"]) == 6
     eff = {str(t["case_id"]): t["effect_mlp"] for t in traces}
     assert cell["points"]["effect"][0] == eff["1"][0]  # fact 1, layer 0: its traced effect
+    from editkit.study.localization import markdown_tables
+    from editkit.study.plots import plot_r2_bars, plot_scatter
+
+    md = markdown_tables(result)
+    assert "| ft | erase | 3 |" in md and "| (tracing effect, mlp) |" in md
+    for plot in (plot_scatter, plot_r2_bars):
+        path = plot(result, tmp_path / f"{plot.__name__}.png")
+        assert path.stat().st_size > 1000
 
 
 def test_cli_study_refusals(tmp_path):
