@@ -25,8 +25,8 @@ for run in ${RUNS[@]}; do
         mv "$OUT/factworld/scatter.png" "$OUT/factworld/scatter_$kind.png"
         mv "$OUT/factworld/r2_bars.png" "$OUT/factworld/r2_bars_$kind.png"
       done ;;
-    smollm2_reduced)  # what fit the session: 6 facts, 2 layers (≈ 1 h on a shared core)
-      python -m editkit study localization --model smollm2 --data real --n 6 \
+    smollm2_reduced)  # what fit the session: 5 facts, 2 layers (≈ 30 min on a shared core)
+      python -m editkit study localization --model smollm2 --data real --n 5 \
         --methods rome,ft_l --layers 3,8 --objectives inject,erase,force --force-samples 2 \
         --set rome:value.num_grad_steps=20 \
         --set 'rome:value.context_template_length_params=[[5,2]]' \
