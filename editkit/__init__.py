@@ -38,12 +38,13 @@ from editkit.registry import (
     list_adapters,
     list_methods,
 )
-from editkit.requests import EditRequest
+from editkit.requests import EditRequest, Objective
 
 __all__ = [
     "ADAPTERS", "METHODS", "AppliedEdit", "DatasetFormatError", "Dense", "EditFailedError",
     "EditHistory", "EditRequest", "EditkitError", "Editor", "HistoryError", "HyperParams",
-    "InvalidHyperParamsError", "InvalidRequestError", "LowRank", "ModelAdapter", "Patch",
+    "InvalidHyperParamsError", "InvalidRequestError", "LowRank", "ModelAdapter", "Objective",
+    "Patch",
     "PatchMismatchError", "StatsError", "SubjectNotFoundError", "TEXT_SOURCES", "TokenizerError",
     "UnknownMethodError", "UnsupportedModelError", "WeightLayout", "__version__", "apply_patch",
     "get_adapter", "get_method", "list_adapters", "list_methods", "load_patch", "revert",

@@ -41,6 +41,7 @@ from editkit.errors import (
     PatchMismatchError,
     TokenizerError,
     UnsupportedModelError,
+    UnsupportedObjectiveError,
 )
 from editkit.hparams import HyperParams
 from editkit.patch import Delta, Patch, load_patch
@@ -202,6 +203,10 @@ class Editor(ABC):
     hparams_class: ClassVar[type[HyperParams]] = HyperParams
     name: ClassVar[str] = "editor"
     sequential: ClassVar[bool] = True
+    #: The editing objectives (``EditRequest.objective``, Hase et al. 2023) this method
+    #: optimises; :meth:`apply` refuses a request with any other. A method that honours more
+    #: than ``inject`` lists them (``editkit.requests.OBJECTIVES``).
+    objectives: ClassVar[frozenset[str]] = frozenset({"inject"})
 
     def __init__(self, model: nn.Module, tokenizer: TokenizerLike | None = None,
                  hparams: HyperParams | None = None, adapter: AdapterLike | None = None
@@ -302,6 +307,15 @@ class Editor(ABC):
     def validate_requests(self, requests: list[EditRequest]) -> None:  # noqa: B027
         """Reject requests this method cannot edit, before any work; optional."""
 
+    def check_objectives(self, requests: Sequence[EditRequest]) -> None:
+        """Refuse a request whose objective this method does not optimise (``objectives``)."""
+        for r in as_request_list(requests):
+            if r.objective.name not in self.objectives:
+                raise UnsupportedObjectiveError(
+                    f"{self.name} cannot optimise the objective {r.objective.name!r} of request "
+                    f"{r.text!r}; it supports {sorted(self.objectives)}. Use rome, memit, ft or "
+                    "ft_l for erase/amplify/reverse_tracing/force, or objective='inject'")
+
     def context_reserve(self) -> int:
         """Tokens a method puts before a request's prompt (context prefixes); default 0."""
         return 0
@@ -385,6 +399,7 @@ class Editor(ABC):
         the whole sequence at once (one history entry).
         """
         items = as_request_list(requests)
+        self.check_objectives(items)
         try:
             self.validate_requests(items)
             self.check_request_lengths(items)

@@ -16,6 +16,11 @@ class InvalidRequestError(EditkitError, ValueError):
     """An ``EditRequest`` is malformed (placeholder, empty or non-string fields)."""
 
 
+class UnsupportedObjectiveError(InvalidRequestError):
+    """A request's editing objective (``erase``, ``force``, ...) is one this method cannot
+    optimise (see ``Editor.objectives``)."""
+
+
 class SubjectNotFoundError(EditkitError, ValueError):
     """The subject's tokens cannot be located in the tokenized prompt."""
 

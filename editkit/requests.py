@@ -11,6 +11,85 @@ from editkit.errors import DatasetFormatError, InvalidRequestError
 
 PLACEHOLDER = "{}"
 
+#: The editing objectives of Hase et al. (2023, "Does localization inform editing?", §3):
+#: ``inject`` (error injection, the CounterFact task: o_true → target_new), ``erase`` (fact
+#: erasure: lower p(target_true)), ``amplify`` (fact amplification: raise p(target_true)),
+#: ``reverse_tracing`` (tracing reversal: make the clean run predict o_noise, what the
+#: subject-noised run predicts) and ``force`` (fact forcing: raise p(target_true) on inputs
+#: whose subject embeddings are noised as causal tracing noises them).
+OBJECTIVES = ("inject", "erase", "amplify", "reverse_tracing", "force")
+#: Objectives whose optimised object is the request's ``target_true``.
+TRUE_TARGET_OBJECTIVES = ("erase", "amplify", "force")
+#: Objectives that need the causal-tracing noise (ν, samples, seed).
+NOISED_OBJECTIVES = ("reverse_tracing", "force")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What an edit optimises (Hase et al. 2023, §3); ``Objective()`` is plain error injection.
+
+    ``name``: one of :data:`OBJECTIVES`. The noise fields matter for ``force`` and
+    ``reverse_tracing`` and follow causal tracing (Meng et al. 2022, §2.1): ``noise_std`` is the
+    absolute ν; ``None`` gives ν = ``noise_multiple`` · σ with σ the standard deviation of the
+    subject's token embeddings (the tracer's rule without ``texts``); ``samples`` noise draws
+    per prompt (paper 10), drawn with ``seed`` exactly as ``editkit.tracing`` draws them.
+    ``floor`` is the erasure threshold: ``erase`` lowers the mean p(target_true) until it is
+    at most ``floor`` (0: as low as it goes, the released code's objective; the study passes
+    p(target_true) of the subject-noised run, what the paper compares against).
+    """
+
+    name: str = "inject"
+    noise_std: float | None = None
+    noise_multiple: float = 3.0
+    samples: int = 10
+    seed: int = 0
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise InvalidRequestError(
+                f"objective {self.name!r} is not known; use one of {list(OBJECTIVES)}")
+        for field_name in ("noise_multiple", "floor"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise InvalidRequestError(f"Objective.{field_name}={value!r} must be a number ≥ 0")
+        if self.noise_std is not None and (isinstance(self.noise_std, bool) or not isinstance(
+                self.noise_std, int | float) or self.noise_std < 0):
+            raise InvalidRequestError(
+                f"Objective.noise_std={self.noise_std!r} must be a number ≥ 0 or None (3σ)")
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 1:
+            raise InvalidRequestError(f"Objective.samples={self.samples!r} must be an integer ≥ 1")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InvalidRequestError(f"Objective.seed={self.seed!r} must be an integer")
+        if self.floor >= 1:
+            raise InvalidRequestError(f"Objective.floor={self.floor!r} must be below 1")
+
+    @property
+    def noised(self) -> bool:
+        """Whether this objective draws the causal-tracing noise."""
+        return self.name in NOISED_OBJECTIVES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, value: Any) -> Objective:
+        """An ``Objective`` from itself, its name, or its :meth:`to_dict` form."""
+        if isinstance(value, Objective):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, Mapping):
+            known = {"name", "noise_std", "noise_multiple", "samples", "seed", "floor"}
+            unknown = set(value) - known
+            if unknown:
+                raise InvalidRequestError(
+                    f"unknown Objective field(s) {sorted(unknown)}; known: {sorted(known)}")
+            return cls(**value)
+        raise InvalidRequestError(
+            f"objective must be a name ({list(OBJECTIVES)}) or an Objective, got "
+            f"{type(value).__name__} {value!r}")
+
 
 #: Unicode categories a reader cannot see: control (Cc: NUL, escape), format (Cf: zero-width
 #: space and joiners, bidi overrides, BOM), unassigned (Cn) and surrogates (Cs).
@@ -75,6 +154,14 @@ class EditRequest:
     Targets are plain strings ("football"); they are scored with a leading space as the papers
     do. ``paraphrases`` and ``neighborhood`` are optional evaluation prompts with the subject
     already filled in (neighbourhood prompts should keep predicting ``target_true``).
+
+    ``objective`` (a name of :data:`OBJECTIVES` or an :class:`Objective`; default
+    ``"inject"``, the behaviour above) says what the edit optimises (Hase et al. 2023):
+    ``erase``, ``amplify`` and ``force`` optimise ``target_true`` (required then; ``target_new``
+    is only the contrast object of the CounterFact scores), ``reverse_tracing`` edits towards
+    the object the subject-noised model predicts (the method computes it; ``target_new`` is
+    replaced by it). ROME, MEMIT, FT and FT+L honour objectives; other methods refuse them
+    with :class:`~editkit.errors.UnsupportedObjectiveError`.
     """
 
     prompt: str
@@ -84,8 +171,14 @@ class EditRequest:
     paraphrases: tuple[str, ...] = field(default=())
     neighborhood: tuple[str, ...] = field(default=())
     case_id: int | str | None = None
+    objective: Objective = field(default=Objective())
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "objective", Objective.parse(self.objective))
+        if self.objective.name in TRUE_TARGET_OBJECTIVES and self.target_true is None:
+            raise InvalidRequestError(
+                f"objective {self.objective.name!r} optimises target_true, but the request has "
+                "none; give target_true (the object the model predicts now)")
         _check_str("prompt", self.prompt)
         count = self.prompt.count(PLACEHOLDER)
         if count != 1:
@@ -116,13 +209,31 @@ class EditRequest:
         d = asdict(self)
         d["paraphrases"] = list(self.paraphrases)
         d["neighborhood"] = list(self.neighborhood)
+        if self.objective == Objective():
+            del d["objective"]  # the default: the form every earlier version wrote
+        else:
+            d["objective"] = self.objective.to_dict()
         return d
+
+    @property
+    def optimised_target(self) -> str:
+        """The object the edit raises (or, for ``erase``, lowers) the probability of."""
+        if self.objective.name in TRUE_TARGET_OBJECTIVES:
+            assert self.target_true is not None  # checked at construction
+            return self.target_true
+        return self.target_new
+
+    def with_objective(self, objective: Objective | str) -> EditRequest:
+        """This request with another objective."""
+        import dataclasses
+
+        return dataclasses.replace(self, objective=Objective.parse(objective))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EditRequest:
         """Inverse of :meth:`to_dict` (unknown keys are an error)."""
         known = {"prompt", "subject", "target_new", "target_true", "paraphrases",
-                 "neighborhood", "case_id"}
+                 "neighborhood", "case_id", "objective"}
         unknown = set(data) - known
         if unknown:
             raise InvalidRequestError(

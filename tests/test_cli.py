@@ -125,11 +125,13 @@ def test_one_module_per_subcommand():
         assert parser.parse_args([name, *REQUIRED.get(name, [])]).func is module.run
         parser_names.append(name)
     assert parser_names == ["demo", "edit", "incorporate", "apply", "methods", "stats", "trace",
-                            "suggest-layer", "eval", "compare", "train-mend", "train-ke", "cache"]
+                            "suggest-layer", "eval", "compare", "train-mend", "train-ke", "cache",
+                            "study"]
 
 
 #: Arguments each subcommand cannot parse without.
 REQUIRED = {
+    "study": ["localization", "--model", "m", "--out", "o"],
     "edit": ["--model", "m"], "incorporate": ["--model", "m", "--passage", "p"],
     "apply": ["--model", "m", "p"], "stats": ["m", "--layers", "0"],
     "trace": ["--model", "m", "--out", "o"],

@@ -366,6 +366,22 @@ if "apply" in cli.build_parser()._subparsers._group_actions[0].choices:
         mentions=("missing.safetensors",)))
 
 
+# ``editkit study localization`` (issue 18): an unknown objective, a method that cannot
+# optimise one, and a model that is not there are usage errors.
+CASES += [
+    CliCase("study-unknown-objective",
+            lambda f: ["study", "localization", "--model", str(f.model), "--objectives",
+                       "inject,delete", "--out", f("study_out")], mentions=("delete",)),
+    CliCase("study-method-without-objectives",
+            lambda f: ["study", "localization", "--model", str(f.model), "--methods", "mend",
+                       "--objectives", "force", "--out", f("study_out")],
+            mentions=("mend", "force")),
+    CliCase("study-missing-model",
+            lambda f: ["study", "localization", "--model", f("no_such_model"), "--out",
+                       f("study_out")], mentions=("no_such_model",)),
+]
+
+
 @pytest.fixture
 def cache_root(tmp_path, monkeypatch) -> Path:
     """An empty editkit cache of its own (the cases must not touch the user's cache)."""

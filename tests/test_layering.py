@@ -1,6 +1,6 @@
 """The import contract: editkit's modules import only downwards, and never in a cycle.
 
-    cli  ->  passages  ->  {eval, tracing, testbed}  ->  methods  ->  {plumbing, models}  ->  core
+    cli  ->  {passages, study}  ->  {eval, tracing, testbed}  ->  methods  ->  {plumbing, models}  ->  core
 
 Every ``import`` in every module of the package counts, including imports inside functions
 (a function-local import is still a dependency, it only runs later) and literal
@@ -28,10 +28,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         "editor", "registry", "protocols", "jsonio", "presets",
     })),
     ("plumbing and models", frozenset({"nethooks", "replay", "stats", "cache", "models",
-                                      "distributed"})),
+                                      "distributed", "noise"})),
     ("methods", frozenset({"methods"})),
     ("eval, tracing and testbed", frozenset({"eval", "tracing", "testbed"})),
-    ("passages", frozenset({"passages"})),
+    ("passages and studies", frozenset({"passages", "study"})),
     ("cli", frozenset({"cli", "__main__", ""})),  # "" is the package root, editkit/__init__
 )
 LAYER_OF = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in names}

@@ -6,6 +6,7 @@
     editkit incorporate --model factworld --passage bio.txt --method rome  # a passage's facts
     editkit methods                    # list registered methods and adapters
     editkit stats | trace | suggest-layer | eval | compare | train-mend | train-ke | cache ...
+    editkit study localization --model factworld --methods rome,ft   # Hase et al. 2023
 
 One module per subcommand: each module in ``SUBCOMMANDS`` exposes ``add_parser(subparsers)``
 (which sets the parser's ``func``) and ``run(args)``. The command line sits on top of the
@@ -48,6 +49,7 @@ from editkit.cli import (
     incorporate,
     methods,
     stats,
+    study,
     suggest_layer,
     trace,
     train_ke,
@@ -64,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 #: The subcommand modules, in the order ``editkit --help`` lists them.
 SUBCOMMANDS = (demo, edit, incorporate, apply, methods, stats, trace, suggest_layer, eval_, compare,
-               train_mend, train_ke, cache)
+               train_mend, train_ke, cache, study)
 
 #: Typed errors that mean "the work failed" (exit status 1); every other ``EditkitError``
 #: means "the user asked for something wrong" (exit status 2).

@@ -71,6 +71,11 @@ from editkit.eval.multihop import (
     parse_mquake,
     parse_portability,
 )
+from editkit.eval.objectives import (
+    objective_probs,
+    objective_scores,
+    rewrite_score,
+)
 from editkit.eval.plots import plot_retention
 from editkit.eval.quality import edit_quality, edit_success, request_logprobs
 from editkit.eval.report import Report, compare
@@ -87,8 +92,9 @@ __all__ = [
     "default_metrics", "detect_kind", "edit_quality", "edit_success", "evaluate", "generate",
     "generation_entropy", "get_metric", "harmonic_mean", "iter_jsonl", "list_metrics",
     "load_counterfact", "load_dataset", "load_requests", "load_zsre", "mean_ci",
-    "ngram_entropy", "parse_counterfact", "parse_records", "parse_zsre", "plot_retention",
-    "read_json_records", "request_logprobs", "score_records", "score_rows",
+    "ngram_entropy", "objective_probs", "objective_scores", "parse_counterfact",
+    "parse_records", "parse_zsre", "plot_retention",
+    "read_json_records", "request_logprobs", "rewrite_score", "score_records", "score_rows",
     "select_neighborhood", "text_entropy", "tfidf_cosine",
     # composite (multi-hop) facts and the task registry
     "TASKS", "Hop", "MultiHopRecord", "MultiHopReport", "PortabilityRecord", "Probe", "Task",

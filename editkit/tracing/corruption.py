@@ -10,7 +10,9 @@ adding to them (its ``replace``), with the noise or with another subject's embed
 Both σ and ν are in the residual stream's units: a family that
 scales its embeddings (Gemma: ×√d, declared by its adapter's ``embedding_scale``) has σ
 measured after the scale, and the noise is added where the scaled embeddings enter the model.
-Shared by the fast tracer and the straightforward one, so both corrupt identically.
+Shared by the fast tracer and the straightforward one, so both corrupt identically. The
+noise primitives (:func:`make_noise`, :func:`embedding_std`, :func:`corrupt`, ...) are defined
+in :mod:`editkit.noise` and re-exported here.
 """
 
 from __future__ import annotations
@@ -20,20 +22,30 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from editkit.errors import InvalidHyperParamsError, InvalidRequestError
-from editkit.tokens import encode, fill, prompt_target_ids, subject_char_span, token_index_at_char
+
+# The noise primitives live in editkit.noise (below the methods, which train on the same
+# corruption for the "force" objective); re-exported here under their historical names.
+from editkit.noise import (  # noqa: F401
+    DEFAULT_NOISE,
+    DEFAULT_SAMPLES,
+    NOISE_RNGS,
+    corrupt,
+    embedding_noise,
+    embedding_std,
+    make_noise,
+    model_device,
+    normalise_prompt,
+    subject_token_range,
+)
+from editkit.tokens import encode, fill, prompt_target_ids
 
 logger = logging.getLogger(__name__)
 
-#: The paper's noise level: ν = 3σ.
-DEFAULT_NOISE = 3.0
-#: The paper's number of noise samples.
-DEFAULT_SAMPLES = 10
 #: A corruption that moves P(answer) by less than this fraction of the clean P(answer) has
 #: barely any effect (e.g. the reference's absolute ``noise=0.1`` passed as a multiple of σ:
 #: P 0.969 clean, 0.967 corrupted); the result says so and a warning is logged.
@@ -68,41 +80,6 @@ def resolve_noise(noise: float | None, noise_multiple: float | None,
     return float(multiple), None if noise_std is None else float(noise_std)
 
 
-def normalise_prompt(prompt: str, subject: str) -> str:
-    """``prompt`` with ``{}`` where the subject goes. A filled prompt (the reference notebook's
-    ``"The Eiffel Tower is in"`` with subject ``"The Eiffel Tower"``) gets ``{}`` at the
-    subject's first occurrence."""
-    if not isinstance(prompt, str) or not isinstance(subject, str) or not subject.strip():
-        raise InvalidRequestError(
-            f"prompt {prompt!r} and subject {subject!r} must be strings, the subject non-empty")
-    if prompt.count("{}") == 0 and subject in prompt:
-        return prompt.replace(subject, "{}", 1)
-    if prompt.count("{}") != 1:
-        raise InvalidRequestError(
-            f"prompt {prompt!r} must contain the subject {subject!r} or exactly one '{{}}' "
-            "where it goes, e.g. '{} was born in'"
-        )
-    return prompt
-
-
-def subject_token_range(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
-    """Token range ``[first, last + 1)`` of the subject in ``fill(prompt, subject)``.
-
-    Character based (see :mod:`editkit.tokens`): the first subject token is the token that
-    contains the subject's first character, the last one the last token that overlaps it.
-    """
-    start, end = subject_char_span(prompt, subject)
-    text = fill(prompt, subject)
-    first = token_index_at_char(tokenizer, text, start + 1, start)
-    last = token_index_at_char(tokenizer, text, end, start)
-    return first, last + 1
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s parameters."""
-    return next(model.parameters()).device
-
-
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Dropout off while tracing; the model's mode is restored afterwards."""
@@ -113,36 +90,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-@torch.no_grad()
-def embedding_std(model: nn.Module, tokenizer, texts: Sequence[str], adapter=None) -> float:
-    """σ: standard deviation of the token embeddings of ``texts`` (all tokens, all dims).
-
-    The corruption noise is ν = 3σ (paper §2.1; the paper measures σ over the subjects of its
-    fact set). Embeddings as the residual stream receives them (the adapter's ``embed``: its
-    ``embedding`` slot, scaled as the family scales it).
-    """
-    from editkit.registry import get_adapter
-
-    texts = [t for t in texts if t and t.strip()]
-    if not texts:
-        raise InvalidRequestError(
-            "embedding_std needs at least one non-empty text; pass the subjects of your facts "
-            "or any sample of ordinary text"
-        )
-    adapter = adapter or get_adapter(model)
-    device = model_device(model)
-    total = total_sq = 0.0
-    count = 0
-    for text in texts:
-        ids = torch.tensor([encode(tokenizer, text)], device=device)
-        e = adapter.embed(model, ids).double()
-        total += float(e.sum())
-        total_sq += float((e * e).sum())
-        count += e.numel()
-    mean = total / count
-    return math.sqrt(max(total_sq / count - mean * mean, 0.0) * count / max(count - 1, 1))
 
 
 def weight_embedding_std(model: nn.Module, adapter=None) -> float:
@@ -180,65 +127,12 @@ def subject_embeddings(model: nn.Module, tokenizer, subject: str, adapter=None
     return adapter.embed(model, ids)[0].float().cpu()
 
 
-#: Random generators of :func:`make_noise`: torch's (default), or numpy's ``RandomState``,
-#: the reference code's (with ``seed=1`` its draws exactly).
-NOISE_RNGS = ("torch", "numpy")
-
-
-def make_noise(samples: int, n_tokens: int, hidden: int, scale: float, seed: int, *,
-               uniform: bool = False, rng: str = "torch") -> torch.Tensor:
-    """The corruption ε ~ N(0, scale²) (``uniform``: U(−scale, scale), the reference's
-    ``uniform_noise``) of shape (samples, subject tokens, hidden), seeded.
-
-    Drawn on the CPU with its own ``torch.Generator`` so the same seed gives the same noise on
-    every device, for every kind, and for the fast and the straightforward implementation.
-    ``rng="numpy"`` draws as the reference does, ``numpy.random.RandomState(seed)`` in float64
-    (the reference seeds it with 1 for every restoration): the same noise as the reference,
-    for side-by-side comparisons.
-    """
-    shape = (samples, n_tokens, hidden)
-    if rng not in NOISE_RNGS:
-        raise InvalidHyperParamsError(f"noise_rng={rng!r} must be one of {NOISE_RNGS}")
-    if rng == "numpy":
-        import numpy as np
-
-        rs = np.random.RandomState(int(seed))
-        draw = rs.uniform(-1, 1, shape) if uniform else rs.randn(*shape)
-        return torch.from_numpy(draw * scale).float()
-    gen = torch.Generator().manual_seed(int(seed))
-    if uniform:
-        return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * scale
-    return torch.randn(shape, generator=gen, dtype=torch.float32) * scale
-
-
 def fit_tokens(emb: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """Another subject's embeddings (s', d) fitted to ``n_tokens`` subject positions: cut
     after ``n_tokens``, or padded by repeating its last token."""
     if emb.shape[0] >= n_tokens:
         return emb[:n_tokens]
     return torch.cat([emb, emb[-1:].expand(n_tokens - emb.shape[0], -1)])
-
-
-def corrupt(hidden: torch.Tensor, noise: torch.Tensor, subject_range: tuple[int, int],
-            replace: bool = False) -> torch.Tensor:
-    """Embeddings ``hidden`` (n, T, d) with ``noise`` (n, s, d) added at the subject tokens
-    (``replace``: written over them, the reference's ``replace=True``)."""
-    b, e = subject_range
-    out = hidden.clone()
-    noise = noise.to(device=out.device, dtype=out.dtype)
-    out[:, b:e] = noise if replace else out[:, b:e] + noise
-    return out
-
-
-def embedding_noise(model: nn.Module, adapter: Any, noise: torch.Tensor) -> torch.Tensor:
-    """``noise`` (residual-stream units) as it must be added to the embedding module's output.
-
-    Equal to ``noise`` unless the family's forward scales the module's output afterwards
-    (Gemma's √d in transformers < 4.50): then divided by that scale, so the residual stream
-    receives exactly ``noise``.
-    """
-    scale = adapter.embedding_output_scale(model)
-    return noise if scale == 1.0 else noise / scale
 
 
 def answer_probs(logits: torch.Tensor, answer_id: int) -> torch.Tensor:

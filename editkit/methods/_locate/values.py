@@ -65,6 +65,7 @@ from torch import nn
 from editkit.errors import InvalidHyperParamsError, ReplayMismatchError
 from editkit.methods._locate.hparams import ValueHyperParams
 from editkit.methods._locate.keys import fact_token_index
+from editkit.methods._locate.objectives import replicas, subject_noise, target_term
 from editkit.methods._locate.templates import PLAIN, apply_template
 from editkit.nethooks import Trace
 from editkit.replay import BlockReplay, PrefixUnavailable, replay_tolerance
@@ -135,6 +136,7 @@ class _Rows:
     target_request: list[int]
     kl_read: list[int]         # per request: index of its KL read position
     plain_row: list[int]       # per request: the row v₀ is read on
+    objectives: list = field(default_factory=list)  # per request (objectives.target_term)
 
 
 def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[str],
@@ -146,21 +148,24 @@ def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[
     plain_index = list(templates).index(PLAIN)
     for q, request in enumerate(requests):
         first = len(seqs)
+        # objectives (Hase et al. 2023): the object optimised, and `force`'s noised copies
+        reps = replicas(request)
         for template in templates:
             prompt = apply_template(template, request.prompt)
             prompt_ids, target_ids = prompt_target_ids(tokenizer, fill(prompt, request.subject),
-                                                        request.target_new)
-            r = len(seqs)
-            seqs.append(prompt_ids + target_ids[:-1])
-            edit_idx.append(fact_token_index(tokenizer, prompt, request.subject, fact_token))
-            req_of_row.append(q)
-            for j, tid in enumerate(target_ids):
-                t_rows.append(r)
-                t_cols.append(len(prompt_ids) - 1 + j)
-                t_ids.append(tid)
-                t_w.append(1.0 / len(target_ids))  # mean per-token NLL of each prompt
-                t_req.append(q)
-        plain.append(first + plain_index)
+                                                        request.optimised_target)
+            for _ in range(reps):
+                r = len(seqs)
+                seqs.append(prompt_ids + target_ids[:-1])
+                edit_idx.append(fact_token_index(tokenizer, prompt, request.subject, fact_token))
+                req_of_row.append(q)
+                for j, tid in enumerate(target_ids):
+                    t_rows.append(r)
+                    t_cols.append(len(prompt_ids) - 1 + j)
+                    t_ids.append(tid)
+                    t_w.append(1.0 / len(target_ids) / reps)  # mean per-token NLL of each prompt
+                    t_req.append(q)
+        plain.append(first + plain_index * reps)
         kl_col = fact_token_index(tokenizer, KL_PROMPT, request.subject, fact_token)
         kl_rows.append(len(seqs))
         kl_cols.append(kl_col)
@@ -171,7 +176,8 @@ def _build_rows(tokenizer, requests: Sequence[EditRequest], templates: Sequence[
     return _Rows(seqs=seqs, edit_idx=edit_idx, request_of_row=req_of_row,
                  read_rows=t_rows + kl_rows, read_cols=t_cols + kl_cols, target_ids=t_ids,
                  target_weight=t_w, target_request=t_req,
-                 kl_read=[n_t + q for q in range(len(requests))], plain_row=plain)
+                 kl_read=[n_t + q for q in range(len(requests))], plain_row=plain,
+                 objectives=[r.objective for r in requests])
 
 
 def plan_groups(lengths: Sequence[int], starts: Sequence[int],
@@ -264,6 +270,9 @@ def compute_values(model: nn.Module, tokenizer, adapter, hparams: Any,
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     model.eval()
+    noised = subject_noise(model, tokenizer, adapter, requests,  # `force` only; else a no-op
+                           lambda r: [apply_template(t, r.prompt) for t in templates])
+    noised.__enter__()
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -278,6 +287,7 @@ def compute_values(model: nn.Module, tokenizer, adapter, hparams: Any,
         results = _optimise(model, adapter, hp, rows, groups, edited, v0, kl_reference,
                             len(templates), n_req, loss_layer, device)
     finally:
+        noised.__exit__(None, None, None)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
@@ -491,7 +501,7 @@ def _optimise(model, adapter, hp: ValueHyperParams, rows: _Rows, groups: list[_G
             kl_reference = kl_lp.detach().clone()  # step 0: δ = 0, the unedited model
         kl = (kl_lp.exp() * (kl_lp - kl_reference)).sum(-1)  # KL(edited ‖ original)
         decay = delta.norm(dim=1) / v0_norm ** 2
-        loss = nll + hp.kl_factor * kl + hp.weight_decay * decay  # per request
+        loss = target_term(nll, rows.objectives) + hp.kl_factor * kl + hp.weight_decay * decay
         values = loss.detach().tolist()
         for q in range(n_req):
             if bool(active[q]):

@@ -108,6 +108,10 @@ class AlphaEdit(MEMIT):
 
     name = "alphaedit"
     hparams_class = AlphaEditHyperParams
+    #: Only error injection: MEMIT's z and keys would follow the other objectives (Hase et
+    #: al. 2023) too, but how a null-space-projected update behaves under them is untested,
+    #: so AlphaEdit refuses them (UnsupportedObjectiveError) instead of guessing.
+    objectives = frozenset({"inject"})
 
     def _prepare(self) -> None:
         super()._prepare()

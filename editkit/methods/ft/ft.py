@@ -3,6 +3,11 @@
 The loss is the full multi-token NLL of ``" " + target_new`` after the rewrite prompt,
 averaged over the request's target tokens (every token of a multi-token target counts, unlike
 the reference repository's FT baseline, which scored only part of it).
+
+Objectives (Hase et al. 2023; ``editkit.methods._locate.objectives``): the object is the
+request's ``optimised_target``; ``erase`` minimises ``max(p̄ − floor, 0)`` with
+p̄ = exp(−NLL) instead of the NLL; ``force`` trains on ``samples`` subject-noised copies of
+the prompt (causal tracing's noise); ``reverse_tracing`` trains towards o_noise.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import torch
 
 from editkit.editor import Editor
 from editkit.errors import EditFailedError
+from editkit.methods._locate.objectives import replicas, resolve_request, subject_noise, target_term
 from editkit.methods.ft.hparams import FTHyperParams, FTLHyperParams
 from editkit.patch import Dense, Patch
-from editkit.requests import EditRequest, as_request_list
+from editkit.requests import OBJECTIVES, EditRequest, as_request_list
 from editkit.tokens import target_nll
 
 
@@ -24,19 +30,29 @@ class FT(Editor):
 
     name = "ft"
     hparams_class = FTHyperParams
+    objectives = frozenset(OBJECTIVES)
 
     def edited_parameters(self) -> list[str]:
         return [self.adapter.weight_name(self.hparams.slot, self.hparams.layer)]
 
     def compute_update(self, requests: EditRequest | Sequence[EditRequest]) -> Patch:
-        items = as_request_list(requests)
+        items = [resolve_request(self.model, self.tokenizer, self.adapter, r)
+                 for r in as_request_list(requests)]
         hp = self.hparams
         (name,) = self.edited_parameters()
         weight = dict(self.model.named_parameters())[name]
         original = weight.detach().clone()
         flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        prompts = [r.text for r in items]
-        targets = [r.target_new for r in items]
+        # one row per request, `samples` noised rows for `force` (mean over them = its NLL)
+        rows = [(i, r) for i, r in enumerate(items) for _ in range(replicas(r))]
+        prompts = [r.text for _, r in rows]
+        targets = [r.optimised_target for _, r in rows]
+        owner = torch.tensor([i for i, _ in rows])
+        counts = torch.tensor([replicas(r) for r in items], dtype=torch.float32)
+        objectives = [r.objective for r in items]
+        noised = subject_noise(self.model, self.tokenizer, self.adapter, items,
+                               lambda r: [r.prompt])
+        noised.__enter__()
         try:
             for p in self.model.parameters():
                 p.requires_grad_(p is weight)
@@ -44,7 +60,13 @@ class FT(Editor):
             eps = hp.norm_constraint
             for step in range(hp.num_steps):
                 opt.zero_grad(set_to_none=True)
-                loss = target_nll(self.model, self.tokenizer, prompts, targets).mean()
+                nll = target_nll(self.model, self.tokenizer, prompts, targets)
+                if len(rows) != len(items) or any(o.name == "erase" for o in objectives):
+                    per_request = torch.zeros(len(items), dtype=nll.dtype, device=nll.device)
+                    per_request = per_request.index_add(0, owner.to(nll.device), nll)
+                    nll = per_request / counts.to(nll.device, nll.dtype)
+                    nll = target_term(nll, objectives)
+                loss = nll.mean()
                 if not torch.isfinite(loss):
                     self._non_finite(weight.dtype, f"the loss at step {step}")
                 if loss.item() < hp.early_stop_loss:
@@ -61,6 +83,7 @@ class FT(Editor):
             if not bool(torch.isfinite(delta).all()):
                 self._non_finite(weight.dtype, "the weight update")
         finally:
+            noised.__exit__(None, None, None)
             with torch.no_grad():
                 weight.copy_(original)
             for n, p in self.model.named_parameters():

@@ -39,12 +39,13 @@ from editkit.errors import InvalidHyperParamsError, InvalidRequestError, StatsEr
 from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import fact_token_index, keys_at
 from editkit.methods._locate.linalg import float64_on, solve_device
+from editkit.methods._locate.objectives import replicas, resolve_request, subject_noise
 from editkit.methods._locate.templates import apply_template
 from editkit.methods._locate.values import ValueShortcuts, compute_values
 from editkit.methods.memit.hparams import MEMITHyperParams
 from editkit.nethooks import Trace
 from editkit.patch import Dense, LowRank, Patch
-from editkit.requests import EditRequest, as_request_list
+from editkit.requests import OBJECTIVES, EditRequest, as_request_list
 from editkit.tokens import encode, fill, pad_id, right_pad
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ class MEMIT(LocateEditor):
     name = "memit"
     hparams_class = MEMITHyperParams
     sequential = False
+    #: Hase et al. (2023)'s objectives: z optimises each request's objective; for ``force``
+    #: the keys (and the residual hᴸ) are read on the subject-noised prompts.
+    objectives = frozenset(OBJECTIVES)
 
     def __init__(self, model: nn.Module, tokenizer=None, hparams: MEMITHyperParams | None = None,
                  adapter=None, *, context_templates: Sequence[str] | None = None,
@@ -177,9 +181,13 @@ class MEMIT(LocateEditor):
         groups = self._template_groups()
         cols = []
         for r in requests:
-            prompts = [apply_template(t, r.prompt) for t in self.context_templates]
+            reps = replicas(r)  # `force`: every noise draw of each prompt, then their mean
+            prompts = [apply_template(t, r.prompt) for t in self.context_templates
+                       for _ in range(reps)]
             keys = keys_at(self.model, self.tokenizer, self.adapter, layer, prompts,
                            r.subject, self.hparams.value.fact_token)
+            if reps > 1:
+                keys = keys.view(len(self.context_templates), reps, -1).mean(1)
             cols.append(torch.stack([g.mean(0) for g in keys.split(groups)]).mean(0))
         return torch.stack(cols, dim=1)
 
@@ -210,6 +218,7 @@ class MEMIT(LocateEditor):
         items = as_request_list(requests)
         check_no_conflicts(items)
         self.prepare()
+        items = [resolve_request(self.model, self.tokenizer, self.adapter, r) for r in items]
         hp = self.hparams
         t0 = time.perf_counter()
         z = torch.stack(self.targets(items))
@@ -220,7 +229,9 @@ class MEMIT(LocateEditor):
         applied: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, layer in enumerate(hp.layers):
             # Keys and residuals are read with the lower layers' updates in effect (Alg. 1).
-            with added_outputs(applied):
+            with added_outputs(applied), subject_noise(  # no-op unless a request is `force`
+                    self.model, self.tokenizer, self.adapter, items,
+                    lambda r: [apply_template(t, r.prompt) for t in self.context_templates]):
                 keys = self._keys(layer, items)
                 resid = (z - self._residuals_at_last_layer(items)).T / (len(hp.layers) - i)
             left, right = self.layer_update(layer, keys, resid)

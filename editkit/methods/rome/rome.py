@@ -24,10 +24,12 @@ from editkit.errors import EditFailedError, InvalidRequestError, StatsError
 from editkit.methods._locate.editor import SINGULAR_FIX, LocateEditor
 from editkit.methods._locate.keys import KeyResult, compute_key
 from editkit.methods._locate.linalg import float64_on, solve_device
+from editkit.methods._locate.objectives import replicas, resolve_request, subject_noise
+from editkit.methods._locate.templates import apply_template
 from editkit.methods._locate.values import ValueResult, ValueShortcuts, compute_value
 from editkit.methods.rome.hparams import ROMEHyperParams
 from editkit.patch import Patch
-from editkit.requests import EditRequest, as_request_list
+from editkit.requests import OBJECTIVES, EditRequest, as_request_list
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,9 @@ class ROME(LocateEditor):
     name = "rome"
     hparams_class = ROMEHyperParams
     sequential = True
+    #: Hase et al. (2023)'s objectives: v* optimises the request's objective
+    #: (``editkit.methods._locate.objectives``); for ``force`` k* is read on noised prompts.
+    objectives = frozenset(OBJECTIVES)
 
     def __init__(self, model: nn.Module, tokenizer=None, hparams: ROMEHyperParams | None = None,
                  adapter=None, *, context_templates: Sequence[str] | None = None,
@@ -178,10 +183,17 @@ class ROME(LocateEditor):
         (request,) = items
         self.prepare()
         hp = self.hparams
+        request = resolve_request(self.model, self.tokenizer, self.adapter, request)
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        keys = compute_key(self.model, self.tokenizer, self.adapter, hp.layer, request,
-                           self.context_templates, hp.value.fact_token)
+        # `force`: k* averages the keys of the noised prompts (every template × noise draw),
+        # the keys the edited layer sees on the inputs the objective is about
+        templates = [tpl for tpl in self.context_templates for _ in range(replicas(request))]
+        with subject_noise(self.model, self.tokenizer, self.adapter, [request],
+                           lambda r: [apply_template(tpl, r.prompt)
+                                      for tpl in self.context_templates]):
+            keys = compute_key(self.model, self.tokenizer, self.adapter, hp.layer, request,
+                               templates, hp.value.fact_token)
         timings["k_star"] = time.perf_counter() - t
         t = time.perf_counter()
         value = compute_value(self.model, self.tokenizer, self.adapter, hp.value, request,
