@@ -91,6 +91,20 @@ def test_v_star_equals_the_full_forward_loop(model_tok, config):
     assert not torch.allclose(fast.v_star, fast.v0)  # the loop did move δ
 
 
+@pytest.mark.parametrize("objective", ["erase", "amplify", "reverse_tracing", "force"])
+def test_every_objective_gets_the_same_v_star_with_the_shortcuts(model_tok, objective):
+    """The objectives of Hase et al. (``force``'s noised subject rows included) go through the
+    same cached prefix, ragged rows and once-computed edited block as ``inject``."""
+    model, tok = model_tok
+    request = dataclasses.replace(REQUESTS[0], objective=objective)
+    fast = _value(model, tok, CONFIGS["all"], request=request)
+    slow = _value(model, tok, STRAIGHT, request=request)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(slow.losses),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast.v_star, slow.v_star, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fast.v_star, fast.v0)
+
+
 def test_prefix_reuse_is_in_effect_and_runs_fewer_tokens(model_tok):
     """The rows are grouped with a positive cached prefix (no silent fallback) and every
     step feeds the upper blocks fewer tokens than the rows hold."""
