@@ -45,6 +45,7 @@ from editkit.testbed.train import (
     META_FILE,
     TrainSettings,
     fact_recall,
+    load_trained,
     mark_fact_world,
     score_candidates,
     train_fact_world,
@@ -73,6 +74,7 @@ __all__ = [
     "is_valid_model_dir",
     "load_chain_world",
     "load_fact_world",
+    "mark_fact_world",
     "package_data_dir",
     "real_facts",
     "real_facts_meta",
@@ -166,8 +168,6 @@ def load_fact_world(
         on ``device``, and a ``PreTrainedTokenizerFast`` whose pad token is
         ``<|endoftext|>`` (= eos).
     """
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     world, settings, fp = _expected(world, settings)
     path = fact_world_dir(world, settings)
     if not is_valid_model_dir(path, fp):
@@ -183,11 +183,4 @@ def load_fact_world(
             "training the fact-world model into %s (a few minutes on CPU, done once)", path
         )
         train_fact_world(path, world=world, seed=settings.seed, settings=settings)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if padding_side is not None:
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        tokenizer.padding_side = padding_side
-    model = GPT2LMHeadModel.from_pretrained(path).float().to(device).eval()
-    mark_fact_world(model, fp)
-    return model, tokenizer
+    return load_trained(path, fp, device, padding_side)

@@ -342,14 +342,7 @@ class ChainWorld(FactWorld):
             for subj in self.composition_train_subjects:
                 lines.extend(self._chain_sentences(rng, subj))
             lines.extend(self.fillers)
-            if self.bio_facts > 0:
-                for subj in self.subjects:
-                    n_bio = min(self.bio_facts, len(self.relations))
-                    parts = [
-                        self.sentence(rng.choice(r.templates), subj, self._table[(subj, r.name)])
-                        for r in rng.sample(list(self.relations), n_bio)
-                    ]
-                    lines.append(" ".join(parts))
+            lines.extend(self._biographies(rng))
             self._chain_corpus = lines
         lines = list(self._chain_corpus)
         if shuffle:
@@ -661,9 +654,7 @@ def load_chain_world(device: str = "cpu", train_if_missing: bool = True, *,
     ``editkit/testbed/data/chain_world/`` when its fingerprint matches, else the cache, else
     trained into the cache (a few CPU minutes); arguments as
     :func:`editkit.testbed.load_fact_world`."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    from editkit.testbed.train import mark_fact_world, train_fact_world, world_fingerprint
+    from editkit.testbed.train import load_trained, train_fact_world, world_fingerprint
 
     world = world if world is not None else ChainWorld()
     settings = settings if settings is not None else chain_train_settings()
@@ -677,14 +668,7 @@ def load_chain_world(device: str = "cpu", train_if_missing: bool = True, *,
                 "load_chain_world(train_if_missing=True) or run scripts/build_chain_world.py")
         logger.warning("training the chain-world model into %s (a few minutes on CPU)", path)
         train_fact_world(path, world=world, seed=settings.seed, settings=settings)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if padding_side is not None:
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        tokenizer.padding_side = padding_side
-    model = GPT2LMHeadModel.from_pretrained(path).float().to(device).eval()
-    mark_fact_world(model, fp)
-    return model, tokenizer
+    return load_trained(path, fp, device, padding_side)
 
 
 def _chain_world_texts() -> list[str]:

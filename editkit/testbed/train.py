@@ -588,3 +588,19 @@ def train_fact_world(
         raise
     logger.info("saved fact-world model to %s", out)
     return out
+
+
+def load_trained(path: str | os.PathLike, fingerprint: str, device: str = "cpu",
+                 padding_side: str | None = None) -> tuple[Any, Any]:
+    """The trained world model in ``path`` and its tokenizer: float32, eval mode, marked
+    with the world's ``fingerprint`` (see :func:`mark_fact_world`)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    model = GPT2LMHeadModel.from_pretrained(path).float().to(device).eval()
+    mark_fact_world(model, fingerprint)
+    return model, tokenizer

@@ -470,18 +470,23 @@ class FactWorld:
             for fact in self.facts:
                 lines.extend(self._fact_sentences(rng, fact, fact.subject in train_para))
             lines.extend(self.fillers)
-            if self.bio_facts > 0:
-                for subj in self.subjects:
-                    n_bio = min(self.bio_facts, len(self.relations))
-                    parts = [
-                        self.sentence(rng.choice(r.templates), subj, self._table[(subj, r.name)])
-                        for r in rng.sample(list(self.relations), n_bio)
-                    ]
-                    lines.append(" ".join(parts))
+            lines.extend(self._biographies(rng))
             self._corpus_cache = lines
         lines = list(self._corpus_cache)
         if shuffle:
             random.Random(self._corpus_seed + 1).shuffle(lines)
+        return lines
+
+    def _biographies(self, rng: random.Random) -> list[str]:
+        """One short multi-fact biography per subject (``bio_facts`` facts each)."""
+        if self.bio_facts <= 0:
+            return []
+        lines = []
+        for subj in self.subjects:
+            n_bio = min(self.bio_facts, len(self.relations))
+            parts = [self.sentence(rng.choice(r.templates), subj, self._table[(subj, r.name)])
+                     for r in rng.sample(list(self.relations), n_bio)]
+            lines.append(" ".join(parts))
         return lines
 
     def texts(self, n: int | None = None, seed: int = 0) -> list[str]:
