@@ -54,6 +54,7 @@ trajectory it would follow alone (to float round-off).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -270,10 +271,11 @@ def compute_values(model: nn.Module, tokenizer, adapter, hparams: Any,
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     model.eval()
-    noised = subject_noise(model, tokenizer, adapter, requests,  # `force` only; else a no-op
-                           lambda r: [apply_template(t, r.prompt) for t in templates])
-    noised.__enter__()
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(subject_noise(  # `force` only; else a no-op
+            model, tokenizer, adapter, requests,
+            lambda r: [apply_template(t, r.prompt) for t in templates]))
         for p in model.parameters():
             p.requires_grad_(False)
         with torch.no_grad():
@@ -287,7 +289,7 @@ def compute_values(model: nn.Module, tokenizer, adapter, hparams: Any,
         results = _optimise(model, adapter, hp, rows, groups, edited, v0, kl_reference,
                             len(templates), n_req, loss_layer, device)
     finally:
-        noised.__exit__(None, None, None)
+        stack.close()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
