@@ -14,7 +14,8 @@ from typing import Any
 
 from editkit.cli.common import OptionError, check_number, is_fact_world, load_model
 from editkit.eval.datasets import load_dataset
-from editkit.eval.multifact import PLOT_FILE, REPORT_FILE, RESULTS_FILE, evaluate_multifact
+from editkit.eval.multifact import PLOT_FILE, evaluate_multifact
+from editkit.eval.report import REPORT_FILE, RESULTS_FILE
 
 
 def add_options(p: argparse.ArgumentParser) -> None:

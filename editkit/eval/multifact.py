@@ -62,6 +62,7 @@ from editkit.eval.metrics import (
     mean_ci,
     resolve_metrics,
 )
+from editkit.eval.report import RESULTS_FILE, json_safe, write_results
 from editkit.eval.runner import _make_editor, _RevertGuard
 from editkit.eval.scoring import score_records
 from editkit.protocols import TokenizerLike
@@ -76,8 +77,6 @@ CONDITIONS = ("alone", "same_subject", "spread")
 METRIC_NAMES = ("S", "ES", "PS", "NS")
 FULL_GROUPS = ("rewrite", "paraphrase", "neighborhood")
 RETENTION_GROUPS = ("rewrite", "paraphrase")
-RESULTS_FILE = "results.json"
-REPORT_FILE = "report.md"
 PLOT_FILE = "interference.png"
 
 
@@ -255,17 +254,13 @@ class MultiFactReport:
         return self.label or self.method
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON; written to ``path`` (a directory gets results.json)."""
         text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False)
         if path is not None:
-            path = Path(path)
-            if path.is_dir():
-                path = path / RESULTS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n", encoding="utf-8")
+            write_results(text, path)
         return text
 
     @classmethod
@@ -350,7 +345,7 @@ class MultiFactReport:
             lines += ["", "## Timings", "", "| Stage | Seconds |", "|---|---|"]
             lines += [f"| {k} | {v:.1f} |" for k, v in self.timings.items()]
         lines += ["", "## Configuration", "", "```json",
-                  json.dumps(_clean({"hparams": self.hparams, **self.config}), indent=1),
+                  json.dumps(json_safe({"hparams": self.hparams, **self.config}), indent=1),
                   "```", ""]
         return "\n".join(lines)
 
@@ -461,16 +456,6 @@ def _matrix(relations: Sequence[str], matrix: Mapping[str, Mapping[str, Any]], *
                  _pct(matrix.get(a, {}).get(b, {})) for b in relations]
         out.append(f"| {a} | " + " | ".join(cells) + " |")
     return out
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------- protocol

@@ -70,7 +70,7 @@ class Report:
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON (one line per record); written to ``path`` if given (a
         directory gets results.json)."""
-        data = _clean(self.to_dict())
+        data = json_safe(self.to_dict())
         records = data.pop("records")
         # One line per record keeps large runs readable and small.
         body = ",\n".join("  " + json.dumps(r, separators=(",", ":"), ensure_ascii=False,
@@ -78,11 +78,7 @@ class Report:
         head = json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False)
         text = head[:-2] + ',\n "records": [\n' + body + ("\n ]\n}" if body else "]\n}")
         if path is not None:
-            path = Path(path)
-            if path.is_dir():
-                path = path / RESULTS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n", encoding="utf-8")
+            write_results(text, path)
         return text
 
     @classmethod
@@ -170,20 +166,30 @@ class Report:
             lines += [f"| {k} | {v:.3f} |" for k, v in self.timings.items()
                       if isinstance(v, (int, float))]
         lines += ["", "## Configuration", "", "```json",
-                  json.dumps(_clean({"hparams": self.hparams, **self.config}), indent=1),
+                  json.dumps(json_safe({"hparams": self.hparams, **self.config}), indent=1),
                   "```", ""]
         return "\n".join(lines)
 
 
 # -------------------------------------------------------------------- formatting
-def _clean(obj: Any) -> Any:
+def write_results(text: str, path: str | Path) -> Path:
+    """Write a report's JSON ``text`` to ``path`` (a directory gets ``results.json``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become null."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
