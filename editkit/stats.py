@@ -464,6 +464,7 @@ def second_moment(
     progress: bool = True,
     source: str | os.PathLike | None = None,
     sort_by_length: bool = True,
+    batch_tokens: int | None = None,
 ) -> dict[int, torch.Tensor]:
     """``C = E[k kᵀ]`` of the edited matrix's input keys, for each layer in ``layers``.
 
@@ -478,7 +479,8 @@ def second_moment(
         dtype: dtype of the returned matrices (each batch's ``Σ k kᵀ`` is computed in the
             activations' precision, at least float32; the sum over batches in float64).
         adapter: Defaults to the registered adapter of ``model``.
-        batch_size: Texts per forward pass.
+        batch_size: Texts per forward pass without ``sort_by_length``; with it, the length
+            sort reads ``8 × batch_size`` texts at a time.
         cache_dir: Defaults to ``default_cache_dir() / "stats"``.
         use_cache: Read and write the on-disk cache (checkpoints included).
         checkpoint_every: Batches between checkpoints of the partial sums.
@@ -489,9 +491,12 @@ def second_moment(
             ``n_samples``/``max_length``. ``texts`` naming such a directory (e.g. a method's
             ``mom2_dataset``) does the same.
         sort_by_length: Batch texts of similar length together (read ``8 × batch_size``
-            texts, sort, cut into batches of at most ``batch_size × max_length`` padded
-            tokens) instead of padding each run of ``batch_size`` texts; the same C up to
-            float64 rounding, with far less padding. ``False`` for the plain loop.
+            texts, sort, cut into batches of at most ``batch_tokens`` padded tokens) instead
+            of padding each run of ``batch_size`` texts; the same C up to float64 rounding,
+            with far less padding. ``False`` for the plain loop.
+        batch_tokens: Padded tokens per forward pass when sorting by length; default
+            ``min(batch_size × max_length, BATCH_TOKENS)``. Small batches are faster on a
+            CPU (their activations stay in cache); raise it on an accelerator.
 
     Returns:
         ``{layer: C}`` with ``C`` of shape ``(d_key, d_key)`` on the CPU.
@@ -511,7 +516,8 @@ def second_moment(
     if dtype not in _DTYPES:
         raise StatsError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     for what, value in (("n_samples", n_samples), ("batch_size", batch_size),
-                        ("checkpoint_every", checkpoint_every)):
+                        ("checkpoint_every", checkpoint_every),
+                        ("batch_tokens", 1 if batch_tokens is None else batch_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise StatsError(f"{what}={value!r} must be a positive integer")
     if tokenizer is None:
@@ -571,8 +577,11 @@ def second_moment(
 
     run_key = _sha([keys[layer] for layer in missing] + [list(_dist())])[:24]
     ckpt = root / model_type / f"mom2_partial_{run_key}.safetensors" if use_cache else None
+    if batch_tokens is None:
+        batch_tokens = min(batch_size * max_length, BATCH_TOKENS)
     sums, count = _accumulate(model, adapter, tokenizer, source, missing, n_samples, max_length,
-                              batch_size, ckpt, checkpoint_every, progress, sort_by_length)
+                              batch_size, ckpt, checkpoint_every, progress, sort_by_length,
+                              batch_tokens)
     device = next(model.parameters()).device
     count_t = _all_reduce(torch.tensor([float(count)], dtype=torch.float64, device=device))
     for layer in missing:
@@ -595,6 +604,10 @@ def second_moment(
 
 #: Chunks of this many batches' worth of texts are sorted by length before batching.
 LENGTH_WINDOW = 8
+#: Default cap on the padded tokens of one statistics forward pass. Measured on one CPU
+#: thread (SmolLM2, 256-token pydoc texts): 4,096-token batches took 1.8x the time of
+#: 256-512-token ones, whose activations stay in cache (docs/performance.md).
+BATCH_TOKENS = 512
 
 
 def length_batches(ids: list[list[int]], token_budget: int) -> list[list[list[int]]]:
@@ -619,7 +632,8 @@ def length_batches(ids: list[list[int]], token_budget: int) -> list[list[list[in
 def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSource,
                 layers: list[int], n_samples: int, max_length: int, batch_size: int,
                 ckpt: Path | None, checkpoint_every: int, progress: bool,
-                sort_by_length: bool = True) -> tuple[dict[int, torch.Tensor], int]:
+                sort_by_length: bool = True, batch_tokens: int | None = None,
+                ) -> tuple[dict[int, torch.Tensor], int]:
     """Local (this rank's) ``Σ k kᵀ`` per layer and token count, resuming from ``ckpt``."""
     rank, world = _dist()
     device = next(model.parameters()).device
@@ -644,6 +658,14 @@ def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSour
     bar = tqdm(total=expected, initial=consumed, disable=not progress, unit="text",
                desc=f"mom2 layers {layers}", mininterval=1.0)
     start, tokens_run, batches, saved_at = time.perf_counter(), 0, 0, 0
+    partial: dict[int, torch.Tensor] = {}
+
+    def flush(parts: dict[int, torch.Tensor]) -> None:
+        for layer, part in parts.items():
+            part = part.to(torch.float64)
+            sums[layer] = sums[layer] + part if layer in sums else part
+        parts.clear()
+
     try:
         while True:
             # Every rank reads the same global chunk and keeps every world-th text of it.
@@ -655,7 +677,8 @@ def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSour
             mine = [t for i, t in enumerate(chunk, index0) if i % world == rank]
             ids = [s for s in tokenizer(mine, truncation=True, max_length=max_length)["input_ids"]
                    if len(s) > 0] if mine else []
-            groups = (length_batches(ids, batch_size * max_length) if sort_by_length
+            groups = (length_batches(ids, batch_tokens or batch_size * max_length)
+                      if sort_by_length
                       else [ids] if ids else [])
             for group in groups:
                 batch = right_pad(group, pad, device)
@@ -664,17 +687,21 @@ def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSour
                     model(**batch.model_inputs(), use_cache=False)
                 mask = batch.attention_mask.bool()
                 for layer, name in names.items():
-                    # The Gram matrix of one batch in the activations' precision (at least
-                    # float32; in float64 it took a fifth of the loop on SmolLM2), the sum
-                    # over batches in float64, where the rounding of a long run would add up.
+                    # Gram matrices in the activations' precision (at least float32; in
+                    # float64 they took a fifth of the loop on SmolLM2), summed there over
+                    # one chunk of texts, then in float64, where the rounding of a long run
+                    # would add up.
                     k = tr.inputs[name][mask]
                     k = k if k.dtype == torch.float64 else k.float()
-                    part = (k.T @ k).to(torch.float64)
-                    sums[layer] = sums[layer] + part if layer in sums else part
+                    if layer in partial:
+                        partial[layer].addmm_(k.T, k)
+                    else:
+                        partial[layer] = k.T @ k
                 n = int(mask.sum())
                 count += n
                 tokens_run += n
                 batches += 1
+            flush(partial)  # per chunk: a resumed run repeats the same float32 sums
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{tokens_run / max(time.perf_counter() - start, 1e-9):.0f}",
                             refresh=False)

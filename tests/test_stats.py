@@ -369,6 +369,9 @@ def test_stats_cli_computes_and_caches(model_tok, tmp_path, capsys):
     args = parser.parse_args([*argv[:3], "9", *argv[4:]])
     assert stats_cli.run(args) == 2  # a usage error, on stderr like every subcommand's
     assert "--layers 9 out of range" in capsys.readouterr().err
+    args = parser.parse_args([*argv, "--batch-tokens", "0"])
+    assert stats_cli.run(args) == 2
+    assert "--batch-tokens 0 is out of range" in capsys.readouterr().err
 
 
 def test_stats_cli_under_torchrun_shards_and_equals_one_process(model_tok, tmp_path):
@@ -428,6 +431,26 @@ def test_length_sorted_batches_give_the_plain_loops_statistics(model_tok, tmp_pa
     torch.testing.assert_close(sorted_[3], naive_moment(model, tok, 3, texts, 32), rtol=1e-5,
                                atol=1e-6 * float(plain[3].abs().max()))
     assert sorted_tokens < plain_tokens  # fewer padded positions run through the model
+
+
+def test_batch_tokens_caps_each_forward_and_keeps_the_statistics(model_tok, tmp_path):
+    model, tok = model_tok
+    seen = []
+    block = editkit.get_adapter(model).blocks(model)[0]
+    handle = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+    kw = {"dtype": "float64", "use_cache": False, "texts": TEXTS * 3}
+    try:
+        wide = moment(model, tok, [2], tmp_path, batch_tokens=10_000, **kw)
+        n_wide = len(seen)
+        narrow = moment(model, tok, [2], tmp_path, batch_tokens=40, **kw)
+    finally:
+        handle.remove()
+    assert all(b * t <= 40 or b == 1 for b, t in seen[n_wide:])  # only a long text alone
+    assert len(seen) - n_wide > 2 * n_wide  # the cap, not the text count, cut the batches
+    torch.testing.assert_close(narrow[2], wide[2], rtol=1e-6,
+                               atol=1e-7 * float(wide[2].abs().max()))
+    with pytest.raises(editkit.StatsError, match="batch_tokens"):
+        moment(model, tok, [2], tmp_path, batch_tokens=0, **kw)
 
 
 def test_length_sorted_run_resumes_from_checkpoint(model_tok, tmp_path):
