@@ -477,6 +477,6 @@ def test_shipped_chain_world_is_current_small_and_safe():
     assert {"model.safetensors", "tokenizer.json", "fact_world.json"} <= {p.name for p in files}
     assert sum(p.stat().st_size for p in files) < 10 * 1024 * 1024
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".pth", ".pickle")]
-    assert chain_world_dir() == shipped, "stale: rerun scripts/build_chain_world.py"
+    assert chain_world_dir() == shipped, "stale: rerun scripts/build_fact_world.py --world chain"
     meta = json.loads((shipped / "fact_world.json").read_text())
     assert min(v for k, v in meta["chain_metrics"].items() if k.startswith("hop_")) >= 0.95

@@ -8,7 +8,7 @@
 #
 # Usage: bash docs/results/multifact.sh [RUN ...]   (default: every run below)
 #   RUN is one of factworld_memit factworld_rome factworld_ft_l factworld_alphaedit
-#   smollm2_rome smollm2_memit.
+#   smollm2_rome smollm2_memit smollm2_ft_l smollm2_alphaedit.
 # Sizes are what fitted on 2 CPU cores shared by five sessions (see the doc); the full-size
 # runs are e.g. `N=30 PAIRS=30 bash docs/results/multifact.sh factworld_rome` (sizes given
 # in the environment override every run's).
@@ -25,20 +25,22 @@ factworld() {  # factworld <method> <subjects> <pairwise subjects>
 
 smollm2() {  # smollm2 <method> <subjects>: the SmolLM2 preset with C from MOM2 samples
   local hp data
+  # FT+L has no SmolLM2 preset and no statistics: its defaults scaled to 30 layers
   hp=$(python -c "
 import json
 from editkit.registry import get_method
 from editkit.testbed.presets import MEMIT_SMOLLM2, ROME_SMOLLM2
-preset = {'rome': ROME_SMOLLM2, 'memit': MEMIT_SMOLLM2}['$1']
-print(json.dumps(get_method('$1').hparams_class.from_dict(
+preset = {'rome': ROME_SMOLLM2, 'memit': MEMIT_SMOLLM2, 'alphaedit': {**MEMIT_SMOLLM2, 'l2': 1.0},
+          'ft_l': None}['$1']
+print('' if preset is None else json.dumps(get_method('$1').hparams_class.from_dict(
     {**preset, 'mom2_n_samples': $MOM2}).to_dict()))")
   data=$(python -c "from editkit.testbed.real_multifact import real_multifact_path as p; print(p())")
   python -m editkit eval --model smollm2 --data "$data" --protocol multi_fact \
-    --n "${SN:-$2}" --pairwise-subjects 0 --method "$1" --hparams "$hp" --no-progress \
+    --n "${SN:-$2}" --pairwise-subjects 0 --method "$1" ${hp:+--hparams "$hp"} --no-progress \
     --out "$OUT/smollm2_$1"
 }
 
-RUNS=("${@:-factworld_memit factworld_rome factworld_ft_l factworld_alphaedit smollm2_rome smollm2_memit}")
+RUNS=("${@:-factworld_memit factworld_rome factworld_ft_l factworld_alphaedit smollm2_rome smollm2_memit smollm2_ft_l smollm2_alphaedit}")
 for run in ${RUNS[@]}; do
   case "$run" in
     factworld_memit) factworld memit 30 5 ;;
@@ -47,6 +49,8 @@ for run in ${RUNS[@]}; do
     factworld_alphaedit) factworld alphaedit 12 2 ;;
     smollm2_rome) smollm2 rome 2 ;;
     smollm2_memit) smollm2 memit 2 ;;
+    smollm2_ft_l) smollm2 ft_l 2 ;;
+    smollm2_alphaedit) smollm2 alphaedit 2 ;;
     *) echo "unknown run $run" >&2; exit 2 ;;
   esac
 done

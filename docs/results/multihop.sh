@@ -10,7 +10,7 @@ OUT=docs/results/multihop
 N=${N:-60}          # chain-world records per edited hop
 N_SMOL=${N_SMOL:-20}  # SmolLM2 records per edited hop (the first N_SMOL chains)
 # 1. the shipped chain-world model (skip if editkit/testbed/data/chain_world is current)
-[ "${REBUILD:-0}" = 1 ] && python scripts/build_chain_world.py
+[ "${REBUILD:-0}" = 1 ] && python scripts/build_fact_world.py --world chain
 [ "${REBUILD:-0}" = 1 ] && python scripts/build_two_hop.py
 # 2. the chain world: FT+L, ROME, MEMIT, AlphaEdit
 python benchmarks/multihop.py --model chainworld --methods ft,ft_l,rome,memit,alphaedit \

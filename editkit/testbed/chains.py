@@ -665,7 +665,7 @@ def load_chain_world(device: str = "cpu", train_if_missing: bool = True, *,
             raise FileNotFoundError(
                 f"no chain-world model with fingerprint {fp[:16]} in "
                 f"{chain_world_package_dir()} or {path}; call "
-                "load_chain_world(train_if_missing=True) or run scripts/build_chain_world.py")
+                "load_chain_world(train_if_missing=True) or run scripts/build_fact_world.py --world chain")
         logger.warning("training the chain-world model into %s (a few minutes on CPU)", path)
         train_fact_world(path, world=world, seed=settings.seed, settings=settings)
     return load_trained(path, fp, device, padding_side)
