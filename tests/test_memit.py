@@ -252,3 +252,39 @@ def test_bad_z_batch_size_is_refused(gpt2_and_tok, size):
     hp = _memit(model, tok).hparams
     with pytest.raises(InvalidHyperParamsError, match="z_batch_size"):
         MEMIT(model, tok, hp, z_batch_size=size)
+
+
+@pytest.mark.parametrize("n", [1, 40])  # 1: the factors' path; 40 > 8·4/(8 + 4): the product's
+def test_added_outputs_equal_the_updated_weight_on_both_paths(n):
+    from editkit.methods.memit.memit import added_outputs
+
+    g = torch.Generator().manual_seed(n)
+    layer = torch.nn.Linear(8, 4)
+    left, right = torch.randn(4, n, generator=g), torch.randn(8, n, generator=g)
+    x = torch.randn(5, 8, generator=g)
+    with added_outputs({layer: (left, right)}):
+        hooked = layer(x)
+    expected = x @ (layer.weight + left @ right.T).T + layer.bias
+    torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(x), x @ layer.weight.T + layer.bias)  # the hook is gone
+
+
+def test_residuals_read_in_chunks_equal_one_forward(family_model, monkeypatch):
+    import editkit.methods.memit.memit as memit_module
+
+    fam, model, tok = family_model
+    editor = _memit(model, tok, layers=[0, 1], mom2_update_weight=1.0)
+    editor.prepare()
+    whole = editor._residuals_at_last_layer(REQS)
+    monkeypatch.setattr(memit_module, "RESIDUAL_BATCH", 1)
+    torch.testing.assert_close(editor._residuals_at_last_layer(REQS), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_freed_heap_is_returned_on_glibc():
+    import platform
+
+    from editkit.methods.memit.memit import _malloc_trim, return_freed_heap
+
+    if platform.libc_ver()[0] == "glibc":
+        assert _malloc_trim() is not None
+    assert return_freed_heap() is None  # never raises, wherever it runs

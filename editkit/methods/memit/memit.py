@@ -21,11 +21,15 @@ are never written (an interrupted computation leaves nothing to restore). The ho
 (W + Δ) k as W k + Δ k, equal to the written-weights form up to float round-off.
 
 Memory grows with the number of edits n only through K (d_in × n) and R (d_out × n): each
-Δˡ is kept as the rank-n product R (A⁻¹K)ᵀ unless the dense matrix is smaller.
+Δˡ is kept as the rank-n product R (A⁻¹K)ᵀ unless the dense matrix is smaller, the residuals
+are read a few hundred prompts at a time, and no n × n matrix is ever formed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -68,6 +72,29 @@ def check_no_conflicts(requests: Sequence[EditRequest]) -> None:
         seen[key] = _normal(r.target_new)
 
 
+#: Bare prompts per forward when reading the residuals hᴸ of a batch of requests.
+RESIDUAL_BATCH = 256
+
+
+def return_freed_heap() -> None:
+    """Give the C heap's freed pages back to the system (glibc only; a no-op elsewhere).
+
+    Each z batch allocates and frees tensors of many sizes; glibc keeps the freed pages, and
+    over 10,000 fact-world edits the process grew by ~0.25 MB per edit of memory it no
+    longer used (5.7 GB peak). ``malloc_trim`` costs milliseconds per batch of seconds."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl without it)
+        return None
+
+
 def _normal(text: str) -> str:
     return " ".join(text.split())
 
@@ -95,8 +122,23 @@ def solve_layer_update(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tenso
 @contextmanager
 def added_outputs(modules: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
     """While active, each module's output y becomes ``y + (x @ right) @ leftᵀ`` for its input
-    x: the module behaves as if ``left @ rightᵀ`` (values × keys) were added to its weight."""
+    x: the module behaves as if ``left @ rightᵀ`` (values × keys) were added to its weight.
+
+    With n edits the factors cost n·(d_in + d_out) per token; once that exceeds d_in·d_out the
+    product is formed once instead, so reading the next layer's keys for n requests stays
+    linear in n (the factors would make it n²: 714 s of 2,706 at 10,000 fact-world edits)."""
     def hook(left: torch.Tensor, right: torch.Tensor):
+        (d_out, n), d_in = left.shape, right.shape[0]
+        if n * (d_in + d_out) > d_in * d_out:
+            dense_t = (left @ right.T).T.contiguous()  # (d_in, d_out)
+
+            def add_dense(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor
+                          ) -> torch.Tensor:
+                x = args[0]
+                return out + (x.float() @ dense_t.to(x.device)).to(out.dtype)
+
+            return add_dense
+
         def add(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             x = args[0]
             extra = (x.float() @ right.to(x.device)) @ left.to(x.device).T
@@ -192,16 +234,23 @@ class MEMIT(LocateEditor):
         return torch.stack(cols, dim=1)
 
     def _residuals_at_last_layer(self, requests: Sequence[EditRequest]) -> torch.Tensor:
-        """hᴸ at the subject's last token of each bare prompt; (n, d)."""
+        """hᴸ at the subject's last token of each bare prompt; (n, d).
+
+        ``RESIDUAL_BATCH`` prompts per forward: one forward of all n prompts held n × tokens ×
+        d_ff activations at once (≈ 1.5 GB at 10,000 fact-world edits)."""
         name = self.adapter.module_name("block", self.hparams.layers[-1])
         device = next(self.model.parameters()).device
-        batch = right_pad([encode(self.tokenizer, fill(r.prompt, r.subject)) for r in requests],
-                          pad_id(self.tokenizer), device)
-        idx = torch.tensor([fact_token_index(self.tokenizer, r.prompt, r.subject,
-                                             self.hparams.value.fact_token) for r in requests])
-        with torch.no_grad(), Trace(self.model, [name], retain_output=True, stop=True) as tr:
-            self.model(**batch.model_inputs(), use_cache=False)
-        return tr.outputs[name][torch.arange(len(requests)), idx].float()
+        rows = []
+        for i in range(0, len(requests), RESIDUAL_BATCH):
+            part = requests[i:i + RESIDUAL_BATCH]
+            batch = right_pad([encode(self.tokenizer, fill(r.prompt, r.subject)) for r in part],
+                              pad_id(self.tokenizer), device)
+            idx = torch.tensor([fact_token_index(self.tokenizer, r.prompt, r.subject,
+                                                 self.hparams.value.fact_token) for r in part])
+            with torch.no_grad(), Trace(self.model, [name], retain_output=True, stop=True) as tr:
+                self.model(**batch.model_inputs(), use_cache=False)
+            rows.append(tr.outputs[name][torch.arange(len(part)), idx].float())
+        return torch.cat(rows)
 
     def targets(self, requests: Sequence[EditRequest]) -> list[torch.Tensor]:
         """zᵢ of each request (eq. 16), ``z_batch_size`` requests per optimisation."""
@@ -212,6 +261,7 @@ class MEMIT(LocateEditor):
                 self.model, self.tokenizer, self.adapter, hp.value, requests[i:i + size],
                 self.context_templates, layer=hp.layers[-1], slot="block",
                 shortcuts=self.value_shortcuts)]
+            return_freed_heap()
         return out
 
     def compute_update(self, requests: EditRequest | Sequence[EditRequest]) -> Patch:
