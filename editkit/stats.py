@@ -495,8 +495,8 @@ def second_moment(
             of padding each run of ``batch_size`` texts; the same C up to float64 rounding,
             with far less padding. ``False`` for the plain loop.
         batch_tokens: Padded tokens per forward pass when sorting by length; default
-            ``min(batch_size × max_length, BATCH_TOKENS)``. Small batches are faster on a
-            CPU (their activations stay in cache); raise it on an accelerator.
+            ``batch_size × max_length``, capped at ``BATCH_TOKENS`` when the model is on the
+            CPU (small forwards are faster there: their activations stay in cache).
 
     Returns:
         ``{layer: C}`` with ``C`` of shape ``(d_key, d_key)`` on the CPU.
@@ -577,8 +577,10 @@ def second_moment(
 
     run_key = _sha([keys[layer] for layer in missing] + [list(_dist())])[:24]
     ckpt = root / model_type / f"mom2_partial_{run_key}.safetensors" if use_cache else None
-    if batch_tokens is None:
-        batch_tokens = min(batch_size * max_length, BATCH_TOKENS)
+    if batch_tokens is None:  # small forwards on a CPU (cache), full batches on accelerators
+        batch_tokens = batch_size * max_length
+        if next(model.parameters()).device.type == "cpu":
+            batch_tokens = min(batch_tokens, BATCH_TOKENS)
     sums, count = _accumulate(model, adapter, tokenizer, source, missing, n_samples, max_length,
                               batch_size, ckpt, checkpoint_every, progress, sort_by_length,
                               batch_tokens)

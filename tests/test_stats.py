@@ -451,6 +451,15 @@ def test_batch_tokens_caps_each_forward_and_keeps_the_statistics(model_tok, tmp_
                                atol=1e-7 * float(wide[2].abs().max()))
     with pytest.raises(editkit.StatsError, match="batch_tokens"):
         moment(model, tok, [2], tmp_path, batch_tokens=0, **kw)
+    from editkit.stats import BATCH_TOKENS
+
+    seen.clear()
+    handle = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
+    try:  # on the CPU the default caps 100 texts x 32 tokens at BATCH_TOKENS per forward
+        moment(model, tok, [2], tmp_path, batch_size=100, **kw)
+    finally:
+        handle.remove()
+    assert max(b * t for b, t in seen) <= BATCH_TOKENS < 100 * 32
 
 
 def test_length_sorted_run_resumes_from_checkpoint(model_tok, tmp_path):

@@ -72,8 +72,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16,
                    help="texts per forward pass (the length sort reads 8x as many at a time)")
     p.add_argument("--batch-tokens", type=int, default=None,
-                   help="padded tokens per forward pass (default min(batch size x max length, "
-                        "512): small batches are fastest on a CPU; raise it on a GPU)")
+                   help="padded tokens per forward pass (default batch size x max length, at "
+                        "most 512 on a CPU, where small forwards are fastest)")
     p.add_argument("--cache-dir", default=None, help="default $EDITKIT_CACHE/stats")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     # --dtype is the stored matrices' dtype here (it predates the model option).
