@@ -453,6 +453,7 @@ def test_batch_tokens_caps_each_forward_and_keeps_the_statistics(model_tok, tmp_
         moment(model, tok, [2], tmp_path, batch_tokens=0, **kw)
     from editkit.stats import BATCH_TOKENS
 
+    assert max(b * t for b, t in seen[:n_wide]) > BATCH_TOKENS  # uncapped, they are larger
     seen.clear()
     handle = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[:2]))
     try:  # on the CPU the default caps 100 texts x 32 tokens at BATCH_TOKENS per forward
