@@ -44,9 +44,9 @@ RUNS=("${@:-factworld_memit factworld_rome factworld_ft_l factworld_alphaedit sm
 for run in ${RUNS[@]}; do
   case "$run" in
     factworld_memit) factworld memit 30 5 ;;
-    factworld_rome) factworld rome 12 2 ;;
+    factworld_rome) factworld rome 30 2 ;;
     factworld_ft_l) factworld ft_l 30 3 ;;
-    factworld_alphaedit) factworld alphaedit 12 2 ;;
+    factworld_alphaedit) factworld alphaedit 30 2 ;;
     smollm2_rome) smollm2 rome 2 ;;
     smollm2_memit) smollm2 memit 2 ;;
     smollm2_ft_l) smollm2 ft_l 2 ;;
