@@ -13,6 +13,6 @@ python scripts/build_smollm2_passages.py    # 18 hand-written passages, re-check
 
 python scripts/passages_experiment.py --set factworld \
   --config extract rome_last rome memit memit_last ft_l alphaedit rome_last_pattern
-python scripts/passages_experiment.py --set smollm2 --config incontext extract memit rome ft_l alphaedit
+python scripts/passages_experiment.py --set smollm2 --config incontext extract memit rome ft_l alphaedit memit_model
 
 python scripts/passages_table.py --write docs/results/passages.md
