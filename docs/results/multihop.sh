@@ -8,7 +8,7 @@ set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more threads than free cores is far slower
 OUT=docs/results/multihop
 N=${N:-60}          # chain-world records per edited hop
-N_SMOL=${N_SMOL:-24}  # SmolLM2 records per edited hop (the first N_SMOL chains; 63 = all)
+N_SMOL=${N_SMOL:-34}  # SmolLM2 records per edited hop (the first N_SMOL chains; 63 = all)
 # 1. the shipped chain-world model (skip if editkit/testbed/data/chain_world is current)
 [ "${REBUILD:-0}" = 1 ] && python scripts/build_fact_world.py --world chain
 [ "${REBUILD:-0}" = 1 ] && python scripts/build_two_hop.py
