@@ -634,8 +634,7 @@ def length_batches(ids: list[list[int]], token_budget: int) -> list[list[list[in
 def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSource,
                 layers: list[int], n_samples: int, max_length: int, batch_size: int,
                 ckpt: Path | None, checkpoint_every: int, progress: bool,
-                sort_by_length: bool = True, batch_tokens: int | None = None,
-                ) -> tuple[dict[int, torch.Tensor], int]:
+                sort_by_length: bool, batch_tokens: int) -> tuple[dict[int, torch.Tensor], int]:
     """Local (this rank's) ``Σ k kᵀ`` per layer and token count, resuming from ``ckpt``."""
     rank, world = _dist()
     device = next(model.parameters()).device
@@ -679,8 +678,7 @@ def _accumulate(model: nn.Module, adapter: Any, tokenizer: Any, source: TextSour
             mine = [t for i, t in enumerate(chunk, index0) if i % world == rank]
             ids = [s for s in tokenizer(mine, truncation=True, max_length=max_length)["input_ids"]
                    if len(s) > 0] if mine else []
-            groups = (length_batches(ids, batch_tokens or batch_size * max_length)
-                      if sort_by_length
+            groups = (length_batches(ids, batch_tokens) if sort_by_length
                       else [ids] if ids else [])
             for group in groups:
                 batch = right_pad(group, pad, device)
